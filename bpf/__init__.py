@@ -1,0 +1,1 @@
+"""BPF C sources, shipped inside the tcptrace package as tcptrace.bpf."""

@@ -1,0 +1,208 @@
+"""Records that cross from the kernel to user space, decoded.
+
+`RawSocketRecord` mirrors `struct tt_record` of bpf/tcptrace.h, field for field;
+tests/unit/test_layout.py compiles that header and pins every offset. Everything
+else in user space works on the frozen `SocketRecord` decoded from it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+LAYOUT_VERSION = 1
+COMM_LEN = 16
+ADDR_LEN = 16
+
+
+class TcpState(enum.IntEnum):
+    """Kernel TCP state numbering (include/net/tcp_states.h)."""
+
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    SYN_RECV = 3
+    FIN_WAIT1 = 4
+    FIN_WAIT2 = 5
+    TIME_WAIT = 6
+    CLOSE = 7
+    CLOSE_WAIT = 8
+    LAST_ACK = 9
+    LISTEN = 10
+    CLOSING = 11
+    NEW_SYN_RECV = 12
+
+    @classmethod
+    def from_kernel(cls, value: int) -> TcpState | None:
+        try:
+            return cls(value)
+        except ValueError:
+            return None
+
+
+class RecordKind(enum.IntEnum):
+    BIRTH = 1
+    DEATH = 2
+    EXIT = 3
+    CLOSE_RANGE = 4
+    FORK = 5
+    SNAPSHOT = 6
+
+
+class Direction(enum.Enum):
+    CONNECT = "connect"
+    ACCEPT = "accept"
+    LISTEN = "listen"
+    PREEXISTING = "preexisting"
+
+    @classmethod
+    def from_kernel(cls, value: int) -> Direction:
+        return _DIRECTION_BY_CODE[value]
+
+
+_DIRECTION_BY_CODE = {
+    1: Direction.CONNECT,
+    2: Direction.ACCEPT,
+    3: Direction.LISTEN,
+    4: Direction.PREEXISTING,
+}
+
+
+class RecordFlag(enum.IntFlag):
+    FD_CLOSED = 1
+    FD_UNKNOWN = 2
+    REPLACED = 4
+    TCP_CLOSED = 8
+
+
+class KernelStat(enum.IntEnum):
+    """Indexes of the BPF `stats` array (enum tt_stat)."""
+
+    EVENTS_DROPPED = 0
+    MAP_FULL = 1
+    USTACK_FAILED = 2
+    KSTACK_FAILED = 3
+    ACCEPT_UNRESOLVED = 4
+    FD_UNRESOLVED = 5
+    SK_REUSED = 6
+    BIRTHS = 7
+    DEATHS = 8
+    FD_CLOSES = 9
+    TARGETS_FULL = 10
+
+
+KERNEL_STAT_COUNT = 11
+
+
+class RawSocketRecord(ctypes.Structure):
+    """Byte-for-byte mirror of `struct tt_record`."""
+
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("birth_ns", ctypes.c_uint64),
+        ("sk", ctypes.c_uint64),
+        ("bytes_acked", ctypes.c_uint64),
+        ("bytes_received", ctypes.c_uint64),
+        ("state_ns", ctypes.c_uint64),
+        ("tgid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),
+        ("user_stack_id", ctypes.c_int32),
+        ("kernel_stack_id", ctypes.c_int32),
+        ("aux", ctypes.c_uint32),
+        ("kind", ctypes.c_uint16),
+        ("family", ctypes.c_uint16),
+        ("lport", ctypes.c_uint16),
+        ("rport", ctypes.c_uint16),
+        ("state", ctypes.c_uint8),
+        ("direction", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint8),
+        ("laddr", ctypes.c_uint8 * ADDR_LEN),
+        ("raddr", ctypes.c_uint8 * ADDR_LEN),
+        ("comm", ctypes.c_char * COMM_LEN),
+        ("_pad1", ctypes.c_uint32),
+        ("_pad2", ctypes.c_uint32),
+    ]
+
+
+RECORD_SIZE = ctypes.sizeof(RawSocketRecord)
+
+
+def format_address(family: int, raw: bytes) -> str:
+    """Text form of an address as the kernel stores it (network order)."""
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family == socket.AF_INET6:
+        return str(ipaddress.IPv6Address(raw[:16]))
+    return ""
+
+
+def family_name(family: int) -> str:
+    return {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}.get(family, f"af{family}")
+
+
+@dataclass(frozen=True, slots=True)
+class SocketRecord:
+    """One decoded `tt_record`: a birth, a death, a scan entry or a process event."""
+
+    kind: RecordKind
+    ts_ns: int
+    sk: int
+    tgid: int
+    tid: int
+    comm: str
+    fd: int
+    family: int
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    state: TcpState | None
+    direction: Direction | None
+    flags: RecordFlag
+    birth_ns: int
+    state_ns: int
+    user_stack_id: int
+    kernel_stack_id: int
+    bytes_acked: int
+    bytes_received: int
+    aux: int
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> SocketRecord:
+        if len(data) < RECORD_SIZE:
+            raise ValueError(f"record of {len(data)} bytes, expected {RECORD_SIZE}")
+        raw = RawSocketRecord.from_buffer_copy(bytes(data[:RECORD_SIZE]))
+        return cls.from_raw(raw)
+
+    @classmethod
+    def from_raw(cls, raw: RawSocketRecord) -> SocketRecord:
+        kind = RecordKind(raw.kind)
+        has_socket = kind in (RecordKind.BIRTH, RecordKind.DEATH, RecordKind.SNAPSHOT)
+        return cls(
+            kind=kind,
+            ts_ns=raw.ts_ns,
+            sk=raw.sk,
+            tgid=raw.tgid,
+            tid=raw.tid,
+            comm=raw.comm.decode("utf-8", "replace"),
+            fd=raw.fd,
+            family=raw.family,
+            laddr=format_address(raw.family, bytes(raw.laddr)) if has_socket else "",
+            lport=raw.lport,
+            raddr=format_address(raw.family, bytes(raw.raddr)) if has_socket else "",
+            rport=raw.rport,
+            state=TcpState.from_kernel(raw.state) if has_socket else None,
+            direction=Direction.from_kernel(raw.direction) if has_socket else None,
+            flags=RecordFlag(raw.flags),
+            birth_ns=raw.birth_ns,
+            state_ns=raw.state_ns,
+            user_stack_id=raw.user_stack_id,
+            kernel_stack_id=raw.kernel_stack_id,
+            bytes_acked=raw.bytes_acked,
+            bytes_received=raw.bytes_received,
+            aux=raw.aux,
+        )
