@@ -40,6 +40,7 @@ enum tt_flag {
 	TT_FLAG_FD_UNKNOWN = 2,    /* we could not learn which fd holds the socket */
 	TT_FLAG_REPLACED = 4,      /* DEATH emitted because the sock address was reused */
 	TT_FLAG_TCP_CLOSED = 8,    /* TCP reached CLOSE while the process still held the socket */
+	TT_FLAG_UNTRACKED = 16,    /* the ledger map was full: no death will follow */
 };
 
 /* Indexes of the per-CPU loss/activity counter array `stats`. */

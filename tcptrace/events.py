@@ -75,6 +75,7 @@ class RecordFlag(enum.IntFlag):
     FD_UNKNOWN = 2
     REPLACED = 4
     TCP_CLOSED = 8
+    UNTRACKED = 16
 
 
 class KernelStat(enum.IntEnum):
