@@ -45,6 +45,11 @@
 #define TT_RB_FLAGS BPF_RB_NO_WAKEUP
 #endif
 
+/* The reads below have fixed widths; refuse to build where BTF says otherwise. */
+_Static_assert(TT_SIZE_SK_FAMILY == 2, "sock_common.skc_family is not 2 bytes");
+_Static_assert(TT_SIZE_SK_STATE == 1, "sock_common.skc_state is not 1 byte");
+_Static_assert(TT_SIZE_SK_PROTOCOL == 2, "sock.sk_protocol is not 2 bytes");
+
 #define TT_AF_INET 2
 #define TT_AF_INET6 10
 #define TT_IPPROTO_TCP 6

@@ -141,8 +141,11 @@ def format_address(family: int, raw: bytes) -> str:
     return ""
 
 
+_FAMILY_NAMES: dict[int, str] = {int(socket.AF_INET): "ipv4", int(socket.AF_INET6): "ipv6"}
+
+
 def family_name(family: int) -> str:
-    return {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}.get(family, f"af{family}")
+    return _FAMILY_NAMES.get(family, f"af{family}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import importlib.resources
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,7 +117,9 @@ class Capture:
         try:
             self._bpf = bcc.BPF(text=text, cflags=cflags)
         except Exception as exc:
-            raise KernelSupportError(f"the {config.probe_set.value} probe set did not load: {exc}") from exc
+            raise KernelSupportError(
+                f"the {config.probe_set.value} probe set did not load: {exc}"
+            ) from exc
         self._closed = False
         self._handler: Callable[[SocketRecord], None] | None = None
         self._decode_errors = 0
@@ -150,10 +152,8 @@ class Capture:
         self._bpf["targets"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
     def remove_target(self, pid: int) -> None:
-        try:
+        with suppress(KeyError):
             del self._bpf["targets"][ctypes.c_uint32(pid)]
-        except KeyError:
-            pass
 
     # -- records ---------------------------------------------------------
     def _on_ring_record(self, _ctx: Any, data: Any, size: int) -> int:
@@ -194,10 +194,8 @@ class Capture:
     def forget(self, sks: Iterable[int]) -> None:
         """Drop ledger entries user space has retired (e.g. a process exited)."""
         for sk in sks:
-            try:
+            with suppress(KeyError):
                 del self._socks[ctypes.c_uint64(sk)]
-            except KeyError:
-                pass
 
     def stack_addresses(self, stack_id: int) -> list[int]:
         if stack_id < 0:

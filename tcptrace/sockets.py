@@ -32,7 +32,13 @@ class CloseCause(enum.Enum):
 
 
 _ORPHAN_STATES = frozenset(
-    {TcpState.FIN_WAIT1, TcpState.FIN_WAIT2, TcpState.CLOSING, TcpState.LAST_ACK, TcpState.TIME_WAIT}
+    {
+        TcpState.FIN_WAIT1,
+        TcpState.FIN_WAIT2,
+        TcpState.CLOSING,
+        TcpState.LAST_ACK,
+        TcpState.TIME_WAIT,
+    }
 )
 
 
@@ -66,6 +72,9 @@ class Connection:
     bytes_sent: int | None = None
     bytes_received: int | None = None
     user_stack_id: int = -1
+    # The kernel ledger map was full at birth: no death will be seen, so the
+    # socket is shown but never called a leak (counted in losses instead).
+    untracked: bool = False
 
     @property
     def is_open(self) -> bool:
@@ -102,6 +111,6 @@ def classify(conn: Connection) -> LeakClass:
 
 def is_leak(conn: Connection, now: float, threshold_s: float) -> bool:
     """Flagged: open, old enough, and not a listener (listeners live by design)."""
-    if not conn.is_open or conn.age_s(now) < threshold_s:
+    if not conn.is_open or conn.untracked or conn.age_s(now) < threshold_s:
         return False
     return classify(conn) is not LeakClass.LISTENER

@@ -1,0 +1,44 @@
+"""Report files (CSV, Parquet, meta.json): schema, writing, loading, terminal summary."""
+
+from tcptrace.report.loader import Report, load_report
+from tcptrace.report.schema import (
+    CONNECTIONS,
+    OPEN_SOCKETS,
+    SCHEMA_VERSION,
+    TABLES,
+    Column,
+    conform,
+    to_frame,
+)
+from tcptrace.report.summary import CallSiteSummary, render_summary, summarize_call_sites
+from tcptrace.report.writers import (
+    DEFAULT_WRITERS,
+    CsvWriter,
+    ParquetWriter,
+    ReportPaths,
+    RunMeta,
+    TableWriter,
+    write_report,
+)
+
+__all__ = [
+    "CONNECTIONS",
+    "DEFAULT_WRITERS",
+    "OPEN_SOCKETS",
+    "SCHEMA_VERSION",
+    "TABLES",
+    "CallSiteSummary",
+    "Column",
+    "CsvWriter",
+    "ParquetWriter",
+    "Report",
+    "ReportPaths",
+    "RunMeta",
+    "TableWriter",
+    "conform",
+    "load_report",
+    "render_summary",
+    "summarize_call_sites",
+    "to_frame",
+    "write_report",
+]

@@ -1,0 +1,268 @@
+"""The ledger: a pure state machine from kernel records to open sockets per process.
+
+No bcc, no root: it is fed decoded `SocketRecord`s (births, deaths, process
+events), periodic scans of the in-kernel ledger map, and snapshots of sockets
+that predate tracing, and it answers "what is open, since when, opened where".
+Tests drive it from recorded sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from tcptrace.events import Direction, RecordFlag, RecordKind, SocketRecord, TcpState, family_name
+from tcptrace.sockets import CloseCause, Connection, StackStatus
+
+
+class StackResolver(Protocol):
+    def resolve(self, tgid: int, stack_id: int) -> tuple[tuple[str, ...], StackStatus]: ...
+
+
+class Clock(Protocol):
+    def to_epoch(self, monotonic_ns: int) -> float: ...
+
+    def now(self) -> float: ...
+
+
+# Names of the ledger's own loss/anomaly counters (shown with the kernel's).
+LEDGER_COUNTERS = (
+    "births_recovered_from_death",  # death seen, birth record lost: row rebuilt from the death
+    "births_recovered_from_scan",  # found in the kernel map, birth record lost
+    "deaths_lost",  # vanished from the kernel map without a death record
+    "sockets_untracked",  # kernel ledger map was full: shown, never classified
+    "sockets_replaced",  # sock address reused before we saw its destroy
+)
+
+
+class Ledger:
+    """Open sockets per process, and the closed ones handed to `on_closed`."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        stacks: StackResolver,
+        on_closed: Callable[[Connection], None] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._stacks = stacks
+        self._open: dict[int, Connection] = {}
+        self._by_pid: dict[int, set[int]] = {}
+        self._closed: list[Connection] = []
+        self._on_closed = on_closed if on_closed is not None else self._closed.append
+        self._exited: dict[int, int] = {}  # tgid -> exit time (monotonic ns)
+        self._missing: set[int] = set()  # kernel-tracked keys absent from the last scan
+        self.counters: Counter[str] = Counter({name: 0 for name in LEDGER_COUNTERS})
+        self.closed_count = 0
+
+    # -- queries ---------------------------------------------------------
+    def open_sockets(self) -> list[Connection]:
+        return list(self._open.values())
+
+    def open_for(self, pid: int) -> list[Connection]:
+        return [self._open[k] for k in self._by_pid.get(pid, ())]
+
+    def closed_sockets(self) -> list[Connection]:
+        """Closed rows kept in memory (empty when an `on_closed` sink was given)."""
+        return list(self._closed)
+
+    def pids(self) -> set[int]:
+        return {pid for pid, keys in self._by_pid.items() if keys}
+
+    def exited(self) -> set[int]:
+        return set(self._exited)
+
+    # -- kernel records --------------------------------------------------
+    def apply(self, record: SocketRecord) -> None:
+        if record.kind is RecordKind.BIRTH:
+            self._birth(record)
+        elif record.kind is RecordKind.DEATH:
+            self._death(record)
+        elif record.kind is RecordKind.EXIT:
+            self.process_exited(record.tgid, record.ts_ns)
+        elif record.kind is RecordKind.CLOSE_RANGE:
+            self._close_range(record.tgid, record.fd, record.aux)
+        # FORK needs nothing here: the kernel already follows the child.
+
+    def _birth(self, record: SocketRecord) -> None:
+        conn = self._from_record(record)
+        old = self._open.get(conn.key)
+        if old is not None:
+            # The kernel retires a stale record before reusing an address; if we
+            # still hold one, its death was lost.
+            self.counters["deaths_lost"] += 1
+            self._close(old, record.ts_ns, CloseCause.KERNEL, old.state)
+        if conn.untracked:
+            self.counters["sockets_untracked"] += 1
+        self._insert(conn)
+
+    def _death(self, record: SocketRecord) -> None:
+        key = record.sk
+        self._missing.discard(key)
+        conn = self._open.get(key)
+        if conn is None:
+            exit_ns = self._exited.get(record.tgid)
+            if exit_ns is not None and record.birth_ns <= exit_ns:
+                return  # already closed by the exit of its process
+            self.counters["births_recovered_from_death"] += 1
+            conn = self._from_record(record)
+        if record.flags & RecordFlag.REPLACED:
+            self.counters["sockets_replaced"] += 1
+        conn = dataclasses.replace(
+            conn,
+            laddr=record.laddr or conn.laddr,
+            lport=record.lport or conn.lport,
+            raddr=record.raddr or conn.raddr,
+            rport=record.rport or conn.rport,
+            bytes_sent=record.bytes_acked,
+            bytes_received=record.bytes_received,
+        )
+        fd_closed = conn.fd_closed or bool(record.flags & RecordFlag.FD_CLOSED)
+        if fd_closed:
+            cause = CloseCause.APP
+        elif record.tgid in self._exited:
+            cause = CloseCause.EXIT
+        else:
+            cause = CloseCause.KERNEL
+        final = record.state if record.state is not None else TcpState.CLOSE
+        self._close(dataclasses.replace(conn, fd_closed=fd_closed), record.ts_ns, cause, final)
+
+    def process_exited(self, pid: int, ts_ns: int) -> None:
+        """Every socket of `pid` leaves the ledger, closed by exit."""
+        self._exited[pid] = ts_ns
+        for key in list(self._by_pid.get(pid, ())):
+            conn = self._open[key]
+            self._close(conn, ts_ns, CloseCause.EXIT, conn.state)
+
+    def _close_range(self, pid: int, low: int, high: int) -> None:
+        for key in list(self._by_pid.get(pid, ())):
+            conn = self._open[key]
+            if conn.fd >= 0 and low <= conn.fd <= high:
+                self._open[key] = dataclasses.replace(conn, fd_closed=True)
+
+    # -- reconciliation with the kernel map --------------------------------
+    def reconcile(self, scan: Iterable[SocketRecord]) -> None:
+        """Bring open sockets up to date with a scan of the in-kernel ledger.
+
+        Call right after draining the ring buffer. A socket absent from two
+        scans in a row without a death record lost its death; one present in
+        the map but unknown here lost its birth.
+        """
+        seen: set[int] = set()
+        for rec in scan:
+            seen.add(rec.sk)
+            conn = self._open.get(rec.sk)
+            if conn is None:
+                if rec.tgid in self._exited:
+                    continue
+                self.counters["births_recovered_from_scan"] += 1
+                self._insert(self._from_record(rec))
+                continue
+            self._open[rec.sk] = dataclasses.replace(
+                conn,
+                state=rec.state if rec.state is not None else conn.state,
+                laddr=rec.laddr or conn.laddr,
+                lport=rec.lport or conn.lport,
+                raddr=rec.raddr or conn.raddr,
+                rport=rec.rport or conn.rport,
+                fd_closed=conn.fd_closed or bool(rec.flags & RecordFlag.FD_CLOSED),
+            )
+        now_missing = {
+            key
+            for key, conn in self._open.items()
+            if key > 0 and not conn.untracked and key not in seen
+        }
+        for key in now_missing & self._missing:
+            conn = self._open[key]
+            self.counters["deaths_lost"] += 1
+            self._close_now(conn, CloseCause.KERNEL)
+        self._missing = now_missing - self._missing
+
+    def _close_now(self, conn: Connection, cause: CloseCause) -> None:
+        # No timestamp from the kernel: the scan time is an upper bound.
+        self._remove(conn.key)
+        self._emit_closed(conn, self._clock.now(), cause, conn.state)
+
+    # -- sockets that predate tracing ------------------------------------
+    def add_preexisting(self, conns: Iterable[Connection]) -> None:
+        """Seed sockets found by the start-up snapshot, unless we already saw them born."""
+        held = {(c.pid, c.fd) for c in self._open.values() if c.fd >= 0}
+        for conn in conns:
+            if (conn.pid, conn.fd) in held or conn.key in self._open:
+                continue
+            self._insert(conn)
+
+    def refresh_preexisting(self, current: Iterable[Connection], now: float) -> None:
+        """Update preexisting sockets from a fresh snapshot; those gone were closed."""
+        fresh = {c.key: c for c in current}
+        for key, conn in list(self._open.items()):
+            if conn.direction is not Direction.PREEXISTING:
+                continue
+            new = fresh.get(key)
+            if new is None:
+                self._remove(key)
+                cause = CloseCause.EXIT if conn.pid in self._exited else CloseCause.APP
+                self._emit_closed(
+                    dataclasses.replace(conn, fd_closed=True), now, cause, TcpState.CLOSE
+                )
+            else:
+                self._open[key] = dataclasses.replace(
+                    conn, state=new.state, raddr=new.raddr, rport=new.rport
+                )
+
+    # -- internals -------------------------------------------------------
+    def _from_record(self, rec: SocketRecord) -> Connection:
+        frames, status = self._stacks.resolve(rec.tgid, rec.user_stack_id)
+        direction = rec.direction if rec.direction is not None else Direction.CONNECT
+        return Connection(
+            key=rec.sk,
+            pid=rec.tgid,
+            tid=rec.tid,
+            comm=rec.comm,
+            fd=rec.fd,
+            family=family_name(rec.family),
+            laddr=rec.laddr,
+            lport=rec.lport,
+            raddr=rec.raddr,
+            rport=rec.rport,
+            state=rec.state if rec.state is not None else TcpState.CLOSE,
+            direction=direction,
+            opened_at=self._clock.to_epoch(rec.birth_ns),
+            first_seen=self._clock.to_epoch(rec.birth_ns),
+            stack=frames,
+            stack_status=status,
+            fd_closed=bool(rec.flags & RecordFlag.FD_CLOSED),
+            user_stack_id=rec.user_stack_id,
+            untracked=bool(rec.flags & RecordFlag.UNTRACKED),
+        )
+
+    def _insert(self, conn: Connection) -> None:
+        self._open[conn.key] = conn
+        self._by_pid.setdefault(conn.pid, set()).add(conn.key)
+
+    def _remove(self, key: int) -> None:
+        conn = self._open.pop(key)
+        keys = self._by_pid.get(conn.pid)
+        if keys is not None:
+            keys.discard(key)
+
+    def _close(self, conn: Connection, ts_ns: int, cause: CloseCause, final: TcpState) -> None:
+        if conn.key in self._open:
+            self._remove(conn.key)
+        self._emit_closed(conn, self._clock.to_epoch(ts_ns), cause, final)
+
+    def _emit_closed(
+        self, conn: Connection, closed_at: float, cause: CloseCause, final: TcpState
+    ) -> None:
+        self.closed_count += 1
+        self._on_closed(
+            dataclasses.replace(
+                conn,
+                closed_at=closed_at,
+                close_cause=cause,
+                state=final,
+                fd_closed=conn.fd_closed or cause in (CloseCause.APP, CloseCause.EXIT),
+            )
+        )

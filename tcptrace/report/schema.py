@@ -1,0 +1,245 @@
+"""The report schema, declared once: tables, their columns in order, and their dtypes.
+
+Every writer builds its frame with `to_frame` and every reader passes what it
+read through `conform`, so a column's name, position and dtype live only here.
+
+Conventions:
+- string columns never hold NA: an absent value is "" (CSV cannot tell them apart);
+- timestamps are UTC, rounded to the microsecond (epoch floats carry no more);
+- an unknown fd is NA, not -1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import pandas as pd
+from pandas.api.types import pandas_dtype
+
+from tcptrace.sockets import Connection, classify, is_leak
+
+SCHEMA_VERSION: Final = 1
+
+INT: Final = "Int64"
+FLOAT: Final = "Float64"
+BOOL: Final = "boolean"
+STRING: Final = "string"
+TIMESTAMP: Final = "datetime64[ns, UTC]"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    dtype: str  # a pandas dtype string, always a nullable one
+    description: str
+
+
+def _socket_columns() -> tuple[Column, ...]:
+    return (
+        Column("pid", INT, "process id (tgid) that opened the socket"),
+        Column("tid", INT, "thread id that opened it"),
+        Column("comm", STRING, "process name (kernel comm, at most 15 characters)"),
+        Column("fd", INT, "file descriptor; NA when unknown"),
+        Column("family", STRING, "ipv4 or ipv6"),
+        Column("laddr", STRING, "local address"),
+        Column("lport", INT, "local port"),
+        Column("raddr", STRING, "remote address"),
+        Column("rport", INT, "remote port"),
+    )
+
+
+_STACK_COLUMNS = (
+    Column("stack", STRING, "frames joined by ';', outermost caller first"),
+    Column("stack_status", STRING, "ok | unknown (predates tracing) | failed | unsymbolized"),
+)
+_BYTES_COLUMNS = (
+    Column("bytes_sent", INT, "bytes acknowledged by the peer; NA when unknown"),
+    Column("bytes_received", INT, "bytes received; NA when unknown"),
+)
+
+OPEN_SOCKETS: Final[tuple[Column, ...]] = (
+    *_socket_columns(),
+    Column("state", STRING, "TCP state at the end of the run, e.g. CLOSE_WAIT"),
+    Column("direction", STRING, "connect | accept | listen | preexisting"),
+    Column("opened_at", TIMESTAMP, "when it was opened; NaT if it predates tracing"),
+    Column("first_seen", TIMESTAMP, "when tcptrace first saw it"),
+    Column("age_s", FLOAT, "seconds open at the end of the run"),
+    Column(
+        "age_is_lower_bound", BOOL, "true when opened_at is unknown: age counts from first_seen"
+    ),
+    Column("leak", BOOL, "flagged: open at least threshold_s and not a listener"),
+    Column("leak_class", STRING, "close_wait | established | fd_on_closed_socket | orphan | ..."),
+    Column("untracked", BOOL, "the kernel ledger was full at its birth: shown, never flagged"),
+    *_STACK_COLUMNS,
+    *_BYTES_COLUMNS,
+)
+
+CONNECTIONS: Final[tuple[Column, ...]] = (
+    *_socket_columns(),
+    Column("direction", STRING, "connect | accept | listen | preexisting"),
+    Column("opened_at", TIMESTAMP, "when it was opened; NaT if it predates tracing"),
+    Column("first_seen", TIMESTAMP, "when tcptrace first saw it"),
+    Column("closed_at", TIMESTAMP, "when the socket was destroyed; NaT if still open"),
+    Column(
+        "duration_s",
+        FLOAT,
+        "seconds from opened_at (or first_seen) to closed_at, or to the end of the run if open",
+    ),
+    Column("final_state", STRING, "last TCP state seen"),
+    Column("fd_closed_by_app", BOOL, "the process closed its fd (or exited)"),
+    Column("close_cause", STRING, "app | exit | kernel; empty while still open"),
+    Column("untracked", BOOL, "the kernel ledger was full at its birth: its close may be unseen"),
+    *_STACK_COLUMNS,
+    *_BYTES_COLUMNS,
+)
+
+TABLES: Final[Mapping[str, tuple[Column, ...]]] = {
+    "open_sockets": OPEN_SOCKETS,
+    "connections": CONNECTIONS,
+}
+
+
+def columns(table: str) -> tuple[Column, ...]:
+    try:
+        return TABLES[table]
+    except KeyError:
+        raise ValueError(f"unknown report table {table!r}") from None
+
+
+def dtypes(table: str) -> dict[str, str]:
+    return {c.name: c.dtype for c in columns(table)}
+
+
+# -- building frames ---------------------------------------------------------------------------
+
+
+def to_frame(table: str, rows: Sequence[Mapping[str, object]]) -> pd.DataFrame:
+    """DataFrame of `rows` with exactly the declared columns, in order, with declared dtypes.
+
+    Row values are plain Python: int/float/bool/str/None, and epoch seconds
+    (float) or pandas Timestamps for timestamps. A row with a missing or extra
+    key is a programming error (ValueError).
+    """
+    cols = columns(table)
+    names = [c.name for c in cols]
+    wanted = set(names)
+    for index, row in enumerate(rows):
+        if row.keys() != wanted:
+            missing = sorted(wanted - row.keys())
+            extra = sorted(row.keys() - wanted)
+            raise ValueError(f"{table} row {index}: missing {missing}, unexpected {extra}")
+    data = {c.name: coerce_values(c, [row[c.name] for row in rows]) for c in cols}
+    return pd.DataFrame(data, columns=names)
+
+
+def conform(table: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` restricted to the declared columns, in order, with declared dtypes.
+
+    Raises KeyError naming the first missing column; a value that cannot take its
+    column's dtype raises ValueError or TypeError (readers turn both into ReportError).
+    """
+    cols = columns(table)
+    for c in cols:
+        if c.name not in frame.columns:
+            raise KeyError(c.name)
+    data = {c.name: coerce_values(c, frame[c.name]) for c in cols}
+    return pd.DataFrame(data, columns=[c.name for c in cols])
+
+
+def coerce_values(column: Column, values: Sequence[Any] | pd.Series) -> pd.Series:
+    """One column's values as a Series of its declared dtype (the single place dtypes are set)."""
+    if column.dtype == TIMESTAMP:
+        return _timestamps(values)
+    series = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype=object)
+    series = series.reset_index(drop=True)
+    if column.dtype == STRING:
+        return series.astype(STRING).fillna("")
+    return series.astype(pandas_dtype(column.dtype))
+
+
+def _timestamps(values: Sequence[Any] | pd.Series) -> pd.Series:
+    series = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype=object)
+    series = series.reset_index(drop=True)
+    if isinstance(series.dtype, pd.DatetimeTZDtype) or series.dtype.kind == "M":
+        converted = pd.to_datetime(series, utc=True)
+    elif series.dtype.kind in "fiu" or all(_is_number_or_na(v) for v in series):
+        epoch = np.array([np.nan if _is_na(v) else float(v) for v in series], dtype=float)
+        converted = pd.Series(pd.to_datetime(epoch, unit="s", utc=True))
+    else:
+        converted = pd.to_datetime(series, utc=True, format="ISO8601")
+    # Epoch floats are exact to ~0.2us; rounding makes CSV (microseconds) and Parquet agree.
+    return converted.dt.round("us").astype(TIMESTAMP)
+
+
+def _is_na(value: object) -> bool:
+    return (
+        value is None
+        or value is pd.NA
+        or value is pd.NaT
+        or (isinstance(value, float) and np.isnan(value))
+    )
+
+
+def _is_number_or_na(value: object) -> bool:
+    return _is_na(value) or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+# -- rows from the ledger ----------------------------------------------------------------------
+
+
+def _common(conn: Connection) -> dict[str, object]:
+    return {
+        "pid": conn.pid,
+        "tid": conn.tid,
+        "comm": conn.comm,
+        "fd": conn.fd if conn.fd >= 0 else None,
+        "family": conn.family,
+        "laddr": conn.laddr,
+        "lport": conn.lport,
+        "raddr": conn.raddr,
+        "rport": conn.rport,
+        "direction": conn.direction.value,
+        "opened_at": conn.opened_at,
+        "first_seen": conn.first_seen,
+        "stack": conn.folded_stack,
+        "stack_status": conn.stack_status.value,
+        "bytes_sent": conn.bytes_sent,
+        "bytes_received": conn.bytes_received,
+        "untracked": conn.untracked,
+    }
+
+
+def open_socket_row(conn: Connection, now: float, threshold_s: float) -> dict[str, object]:
+    return {
+        **_common(conn),
+        "state": conn.state.name,
+        "age_s": conn.age_s(now),
+        "age_is_lower_bound": conn.opened_at is None,
+        "leak": is_leak(conn, now, threshold_s),
+        "leak_class": classify(conn).value,
+    }
+
+
+def connection_row(conn: Connection, now: float) -> dict[str, object]:
+    return {
+        **_common(conn),
+        "closed_at": conn.closed_at,
+        "duration_s": conn.age_s(now),
+        "final_state": conn.state.name,
+        "fd_closed_by_app": conn.fd_closed,
+        "close_cause": conn.close_cause.value,
+    }
+
+
+def open_sockets_frame(
+    connections: Iterable[Connection], now: float, threshold_s: float
+) -> pd.DataFrame:
+    rows = [open_socket_row(c, now, threshold_s) for c in connections if c.is_open]
+    return to_frame("open_sockets", rows)
+
+
+def connections_frame(connections: Iterable[Connection], now: float) -> pd.DataFrame:
+    return to_frame("connections", [connection_row(c, now) for c in connections])

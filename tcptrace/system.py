@@ -1,0 +1,201 @@
+"""Facts about the running kernel and processes, read from /proc and /sys (no bcc).
+
+Used by `tcptrace doctor`, by `--probes auto`, and to validate `--pid`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from tcptrace.errors import KernelSupportError, PermissionProblem, TargetError
+
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+PF_KTHREAD = 0x00200000
+CAP_PERFMON = 38
+CAP_BPF = 39
+CAP_SYS_ADMIN = 21
+
+
+def tracefs_root() -> str | None:
+    for root in TRACEFS_CANDIDATES:
+        if os.path.isfile(os.path.join(root, "available_events")):
+            return root
+    return None
+
+
+def tracepoint_exists(category: str, name: str) -> bool:
+    root = tracefs_root()
+    return root is not None and os.path.isdir(os.path.join(root, "events", category, name))
+
+
+def kprobes_available() -> bool:
+    """CONFIG_KPROBES leaves kprobe_events in tracefs; without it bcc's attach fails."""
+    root = tracefs_root()
+    return root is not None and os.path.exists(os.path.join(root, "kprobe_events"))
+
+
+def btf_present() -> bool:
+    return os.path.isfile(BTF_PATH)
+
+
+def kernel_release() -> str:
+    return platform.release()
+
+
+def effective_caps() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def can_trace() -> bool:
+    """Root, or CAP_BPF + CAP_PERFMON (CAP_SYS_ADMIN covers both on older kernels)."""
+    if os.geteuid() == 0:
+        return True
+    caps = effective_caps()
+
+    def has(bit: int) -> bool:
+        return bool(caps & (1 << bit))
+
+    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+
+
+def require_privileges() -> None:
+    if not can_trace():
+        raise PermissionProblem("tracing needs root or CAP_BPF + CAP_PERFMON", "run it with sudo")
+
+
+def build_headers() -> tuple[str | None, bool]:
+    """(path bcc will use for kernel headers, whether they match the running kernel)."""
+    release = kernel_release()
+    build = Path(f"/lib/modules/{release}/build")
+    if not build.exists():
+        return None, False
+    target = os.path.realpath(build)
+    return target, release in os.path.basename(target) or _headers_release(target) == release
+
+
+def _headers_release(path: str) -> str:
+    try:
+        text = Path(path, "include/config/kernel.release").read_text().strip()
+    except OSError:
+        return ""
+    return text
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    comm: str
+    is_kernel_thread: bool
+
+
+def process_info(pid: int) -> ProcessInfo:
+    """Validate a --pid: it exists and is a user process."""
+    if pid <= 0:
+        raise TargetError(f"--pid {pid} is not a process id", "give a positive pid")
+    base = Path("/proc") / str(pid)
+    try:
+        stat = (base / "stat").read_text()
+        comm = (base / "comm").read_text().strip()
+    except FileNotFoundError:
+        raise TargetError(f"no process with pid {pid}", "check it with `ps -p PID`") from None
+    except OSError as exc:
+        raise TargetError(f"cannot read /proc/{pid}: {exc.strerror}") from exc
+    # Fields after the ")" of comm; flags is field 9 overall, 7th after it.
+    fields = stat.rsplit(")", 1)[1].split()
+    flags = int(fields[6])
+    tgid = _status_field(base, "Tgid")
+    if tgid is not None and tgid != pid:
+        raise TargetError(
+            f"pid {pid} is a thread of process {tgid}", f"trace the process: --pid {tgid}"
+        )
+    return ProcessInfo(pid=pid, comm=comm, is_kernel_thread=bool(flags & PF_KTHREAD))
+
+
+def _status_field(base: Path, name: str) -> int | None:
+    try:
+        for line in (base / "status").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def validate_targets(pids: tuple[int, ...]) -> list[ProcessInfo]:
+    infos = []
+    for pid in pids:
+        info = process_info(pid)
+        if info.is_kernel_thread:
+            raise TargetError(
+                f"pid {pid} ({info.comm}) is a kernel thread: it holds no sockets of its own",
+                "give the pid of a user-space process",
+            )
+        infos.append(info)
+    return infos
+
+
+def is_alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def nofile_limit(pid: int) -> int | None:
+    """Soft RLIMIT_NOFILE of a process (None when unknown or unlimited)."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                soft = line.split()[3]
+                return None if soft == "unlimited" else int(soft)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def choose_probe_set(requested: str) -> tuple[str, str]:
+    """(probe set, why) for --probes auto|tracepoint|kprobe on this kernel."""
+    have_tp = tracepoint_exists("sock", "inet_sock_set_state") and tracepoint_exists(
+        "tcp", "tcp_destroy_sock"
+    )
+    if requested == "tracepoint":
+        if not have_tp:
+            raise KernelSupportError(
+                "tracepoint probe set unavailable: sock:inet_sock_set_state or "
+                "tcp:tcp_destroy_sock is missing",
+                "mount tracefs (mount -t tracefs nodev /sys/kernel/tracing) or use --probes kprobe",
+            )
+        return "tracepoint", "requested with --probes tracepoint"
+    if requested == "kprobe":
+        raise KernelSupportError(
+            "the kprobe probe set is not implemented yet in this build",
+            "use --probes tracepoint (or auto)",
+        )
+    if requested != "auto":
+        raise KernelSupportError(
+            f"unknown probe set {requested!r}", "use auto, tracepoint or kprobe"
+        )
+    if have_tp:
+        why = "kernel has no kprobes" if not kprobes_available() else "kprobe set not built yet"
+        return "tracepoint", f"auto: tracepoints present; {why}"
+    if tracefs_root() is None:
+        raise KernelSupportError(
+            "tracefs is not mounted, so no tracepoint can be found",
+            "mount -t tracefs nodev /sys/kernel/tracing",
+        )
+    raise KernelSupportError(
+        "no usable probe set: this kernel lacks sock:inet_sock_set_state/tcp:tcp_destroy_sock",
+        "tcptrace needs Linux >= 4.16 with tracepoints",
+    )

@@ -1,0 +1,254 @@
+"""One trace: attach, follow the targets, print summaries, write the report.
+
+Glue between the capture (probes.py, bcc), the ledger (pure), the start-up
+snapshot (snapshot.py, pyroute2) and the report writers. The loop polls the
+ring buffer on a timer (no per-record wakeups) and scans the kernel ledger
+map in batches.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from tcptrace import __version__
+from tcptrace.clock import MonotonicClock
+from tcptrace.ledger import Ledger
+from tcptrace.report import (
+    SCHEMA_VERSION,
+    RunMeta,
+    render_summary,
+    summarize_call_sites,
+    write_report,
+)
+from tcptrace.sockets import Connection
+from tcptrace.system import (
+    choose_probe_set,
+    is_alive,
+    kernel_release,
+    nofile_limit,
+    require_privileges,
+    validate_targets,
+)
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    pids: tuple[int, ...]
+    output_dir: Path
+    threshold_s: float = 30.0
+    duration_s: float | None = None
+    probes: str = "auto"
+    follow_forks: bool = False
+    summary_interval_s: float = 10.0
+    poll_interval_s: float = 0.1
+    scan_interval_s: float = 1.0
+    preexisting_interval_s: float = 5.0
+    kernel_stacks: bool = False
+    force: bool = False
+    quiet: bool = False
+    # Test hook: called once the probes are attached (before the loop).
+    on_attached: Callable[[], None] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    output_dir: Path
+    open_sockets: tuple[Connection, ...]
+    connections_seen: int
+    losses: dict[str, int]
+    probe_set: str
+    stop_reason: str
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM, by --duration, or by the exit of every target."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+@contextmanager
+def _signals_stop(flag: StopFlag) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        flag.set(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) -> TraceResult:
+    # Import here: the capture module needs bcc, and `tcptrace report` must not.
+    from tcptrace import snapshot
+    from tcptrace.fileio import prepare_output_dir
+    from tcptrace.probes import Capture, CaptureConfig, ProbeSet
+    from tcptrace.stacks import StackSymbolizer
+
+    stop = stop or StopFlag()
+
+    def say(message: str) -> None:
+        if not options.quiet:
+            print(message, file=out, flush=True)
+
+    require_privileges()
+    infos = validate_targets(options.pids)
+    probe_set, why = choose_probe_set(options.probes)
+    out_dir = prepare_output_dir(options.output_dir, options.force)
+    limits = {str(p): nofile_limit(p) for p in options.pids}
+
+    say(
+        f"tcptrace {__version__}: tracing pid(s) "
+        + ", ".join(f"{i.pid} ({i.comm})" for i in infos)
+        + f"; probe set {probe_set} ({why})"
+    )
+    say("compiling and loading BPF programs...")
+    started_at = time.time()
+    clock = MonotonicClock()
+    config = CaptureConfig(
+        pids=options.pids,
+        probe_set=ProbeSet(probe_set),
+        follow_forks=options.follow_forks,
+        kernel_stacks=options.kernel_stacks,
+    )
+    with _signals_stop(stop), Capture(config) as cap:
+        t_attached = time.time()
+        say(
+            f"probes attached in {t_attached - started_at:.2f}s; "
+            f"threshold {options.threshold_s:g}s; Ctrl-C to stop and write the report"
+        )
+        symbolizer = StackSymbolizer(cap.stack_addresses, cap.symbolize)
+        ledger = Ledger(clock, symbolizer)
+        # After attach, so nothing is born unseen between snapshot and probes.
+        ledger.add_preexisting(snapshot.preexisting_connections(options.pids, time.time()))
+        if options.on_attached is not None:
+            options.on_attached()
+
+        deadline = time.monotonic() + options.duration_s if options.duration_s else None
+        next_scan = next_summary = next_pre = time.monotonic()
+        next_summary += options.summary_interval_s
+        next_pre += options.preexisting_interval_s
+        live = set(options.pids)
+        while not stop.is_set():
+            stop.event.wait(options.poll_interval_s)
+            cap.drain(ledger.apply)
+            now_m = time.monotonic()
+            if now_m >= next_scan:
+                ledger.reconcile(cap.scan())
+                next_scan = now_m + options.scan_interval_s
+                live = {p for p in live | ledger.pids() if is_alive(p)}
+                for pid in list(ledger.exited()):
+                    cap.remove_target(pid)
+                if not live:
+                    stop.set("all traced processes exited")
+            if now_m >= next_pre:
+                _refresh_preexisting(ledger, options.pids)
+                next_pre = now_m + options.preexisting_interval_s
+            if deadline is not None and now_m >= deadline:
+                stop.set(f"--duration {options.duration_s:g}s reached")
+            if now_m >= next_summary and not options.quiet:
+                next_summary = now_m + options.summary_interval_s
+                say(_summary(ledger, cap.stats(), symbolizer.counters, options.threshold_s))
+
+        # Final pass: everything still in the ring buffer and the map.
+        cap.drain(ledger.apply)
+        ledger.reconcile(cap.scan())
+        cap.drain(ledger.apply)
+        _refresh_preexisting(ledger, options.pids)
+        losses = _losses(ledger, cap.stats(), symbolizer.counters)
+
+    ended_at = time.time()
+    opened = ledger.open_sockets()
+    everything = ledger.closed_sockets() + opened
+    meta = RunMeta(
+        tool_version=__version__,
+        schema_version=SCHEMA_VERSION,
+        host=socket.gethostname(),
+        kernel=kernel_release(),
+        probe_set=probe_set,
+        pids=options.pids,
+        threshold_s=options.threshold_s,
+        started_at=started_at,
+        ended_at=ended_at,
+        losses=losses,
+        extra={
+            "probe_set_reason": why,
+            "stop_reason": stop.reason,
+            "follow_forks": options.follow_forks,
+            "rlimit_nofile": limits,
+            "attach_seconds": round(t_attached - started_at, 3),
+        },
+    )
+    write_report(out_dir, everything, ended_at, options.threshold_s, meta)
+    say(f"stopped: {stop.reason}")
+    say(
+        render_summary(
+            summarize_call_sites(opened, ended_at, options.threshold_s),
+            losses,
+            ended_at,
+            options.threshold_s,
+        )
+    )
+    say(f"report written to {out_dir}")
+    return TraceResult(
+        output_dir=out_dir,
+        open_sockets=tuple(opened),
+        connections_seen=len(everything),
+        losses=losses,
+        probe_set=probe_set,
+        stop_reason=stop.reason,
+    )
+
+
+def _refresh_preexisting(ledger: Ledger, pids: tuple[int, ...]) -> None:
+    from tcptrace import snapshot
+
+    alive = tuple(p for p in pids if is_alive(p))
+    now = time.time()
+    ledger.refresh_preexisting(snapshot.preexisting_connections(alive, now), now)
+
+
+def _losses(ledger: Ledger, kernel: Mapping[str, int], stacks: Mapping[str, int]) -> dict[str, int]:
+    """Every counter of every layer, so a silent loss cannot look like 'no leaks'."""
+    return {**kernel, **ledger.counters, **stacks}
+
+
+def _summary(
+    ledger: Ledger, kernel: Mapping[str, int], stacks: Mapping[str, int], threshold_s: float
+) -> str:
+    now = time.time()
+    return render_summary(
+        summarize_call_sites(ledger.open_sockets(), now, threshold_s),
+        _losses(ledger, kernel, stacks),
+        now,
+        threshold_s,
+    )
+
+
+def default_output_dir() -> Path:
+    return Path(os.getcwd()) / time.strftime("tcptrace-report-%Y%m%d-%H%M%S")

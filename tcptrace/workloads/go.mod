@@ -1,0 +1,3 @@
+module tcptraceworkloads
+
+go 1.19
