@@ -189,5 +189,78 @@ def demo(
     )
 
 
+# --- offline analysis (issue 5): `report` and `diff`; the work is in tcptrace.analysis ---
+
+
+@main.command()
+@click.argument("report_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Plain text for people, JSON for machines.",
+)
+@click.option(
+    "--flamegraph",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write an interactive HTML flame graph of leaked sockets to FILE,"
+    " and its folded stacks next to it (FILE with suffix .folded).",
+)
+@click.option(
+    "--weight",
+    type=click.Choice(["count", "socket-seconds"]),
+    default="count",
+    show_default=True,
+    help="Flame graph weight: leaked sockets, or their summed ages.",
+)
+@click.option(
+    "--plots",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Write PNG plots (open sockets over time, ages, states) into this directory.",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="Call sites and endpoints to show (0: all).",
+)
+@mapped_errors
+def report(
+    report_dir: Path, fmt: str, flamegraph: Path | None, weight: str, plots: Path | None, top: int
+) -> None:
+    """Summarize a report directory: the worst call sites, growth, time to RLIMIT_NOFILE."""
+    from tcptrace.analysis.cli import run_report
+
+    click.echo(run_report(report_dir, fmt, flamegraph, weight, plots, top), nl=False)
+
+
+@main.command()
+@click.argument("before", type=click.Path(path_type=Path))
+@click.argument("after", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Plain text for people, JSON for machines.",
+)
+@click.option("--top", type=click.IntRange(min=0), default=0, help="Sites to show (0: all).")
+@mapped_errors
+def diff(before: Path, after: Path, fmt: str, top: int) -> None:
+    """Compare two reports per call site (matched by symbol names, not addresses)."""
+    from tcptrace.analysis.cli import run_diff
+
+    click.echo(run_diff(before, after, fmt, top), nl=False)
+
+
+# --- end offline analysis
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -108,7 +108,10 @@ def run_checks() -> list[Check]:
             "scripts/setup installs and wires them",
         )
     )
-    checks.append(_bcc_check(privileged))
+    bcc_check = _bcc_check(privileged)
+    checks.append(bcc_check)
+    if bcc_check.ok:
+        checks.append(_live_check())
     try:
         picked, why = system.choose_probe_set("auto")
         checks.append(Check("probe set (auto)", True, f"{picked}: {why}"))
@@ -143,3 +146,19 @@ def _bcc_check(privileged: bool) -> Check:
     except TcptraceError as exc:
         return Check("bcc", False, exc.message, exc.hint or "run scripts/setup")
     return Check("bcc", True, f"compiled and loaded a tracepoint program in {seconds:.2f}s")
+
+
+def _live_check() -> Check:
+    from tcptrace.probes import selftest_loopback
+
+    try:
+        seen = selftest_loopback()
+    except TcptraceError as exc:
+        return Check("live tracepoint", False, exc.message, exc.hint)
+    except Exception as exc:  # bcc load/attach failures surface as bare exceptions
+        return Check("live tracepoint", False, f"could not attach: {exc}")
+    ok = seen.get("SYN_SENT", 0) >= 1 and seen.get("CLOSE", 0) >= 2
+    detail = "state changes of one loopback connection: " + (
+        " ".join(f"{k}={v}" for k, v in seen.items()) or "none"
+    )
+    return Check("live tracepoint", ok, detail, "the tracepoint is attached but sees nothing")

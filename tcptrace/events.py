@@ -96,6 +96,9 @@ class KernelStat(enum.IntEnum):
 
 KERNEL_STAT_COUNT = 11
 
+# Counters of work done, not of anything lost: reported apart from the losses.
+ACTIVITY_STATS = frozenset({KernelStat.BIRTHS, KernelStat.DEATHS, KernelStat.FD_CLOSES})
+
 
 class RawSocketRecord(ctypes.Structure):
     """Byte-for-byte mirror of `struct tt_record`."""

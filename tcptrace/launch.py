@@ -10,29 +10,40 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
+
+
+# Runs in the child: wait for the gate byte, then become the program. EOF on
+# the gate means the tracer died before attaching: do not run untraced.
+_TRAMPOLINE = (
+    "import ctypes, os, sys\n"
+    # Take the program's name now (PR_SET_NAME), so the tracer shows it from the start.
+    "ctypes.CDLL(None).prctl(15, os.path.basename(sys.argv[2]).encode()[:15], 0, 0, 0)\n"
+    "fd = int(sys.argv[1])\n"
+    "if os.read(fd, 1) != b'x':\n"
+    "    os._exit(125)\n"
+    "os.close(fd)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 class GatedProcess:
-    def __init__(self, argv: Sequence[str], **popen_kwargs: object) -> None:
+    def __init__(self, argv: Sequence[str], **popen_kwargs: Any) -> None:
+        # Popen waits for exec to succeed, so the gate cannot sit between fork
+        # and exec (preexec_fn would deadlock): a tiny Python trampoline holds it.
         read_fd, self._write_fd = os.pipe()
-
-        def wait_for_gate() -> None:
-            os.close(self._write_fd)
-            # EOF means the tracer died before attaching: do not run untraced.
-            if os.read(read_fd, 1) != b"x":
-                os._exit(125)
+        try:
+            self.proc: subprocess.Popen[str] = subprocess.Popen(
+                [sys.executable, "-c", _TRAMPOLINE, str(read_fd), *argv],
+                pass_fds=(read_fd,),
+                text=True,
+                **popen_kwargs,
+            )
+        finally:
             os.close(read_fd)
-
-        self.proc: subprocess.Popen[str] = subprocess.Popen(  # type: ignore[call-overload]
-            list(argv),
-            preexec_fn=wait_for_gate,
-            pass_fds=(read_fd,),
-            text=True,
-            **popen_kwargs,
-        )
-        os.close(read_fd)
         self.pid = self.proc.pid
         self._released = False
 

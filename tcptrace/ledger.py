@@ -208,8 +208,12 @@ class Ledger:
                     dataclasses.replace(conn, fd_closed=True), now, cause, TcpState.CLOSE
                 )
             else:
+                # A reset socket drops out of sock_diag: keep the address we knew.
                 self._open[key] = dataclasses.replace(
-                    conn, state=new.state, raddr=new.raddr, rport=new.rport
+                    conn,
+                    state=new.state,
+                    raddr=new.raddr or conn.raddr,
+                    rport=new.rport or conn.rport,
                 )
 
     # -- internals -------------------------------------------------------

@@ -42,14 +42,72 @@ class CaptureConfig:
     extra_cflags: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class KprobeAttach:
+    """One attachment of the kprobe set: BPF function `program` on kernel `function`."""
+
+    function: str
+    program: str
+    is_return: bool = False
+    # kretprobes only: how many calls may be in flight at once (0: kernel default).
+    maxactive: int = 0
+
+
+# Threads blocked in accept() sit *inside* inet_csk_accept (it sleeps there), and
+# each holds a kretprobe instance for as long as it waits, in every process on the
+# machine, not only ours. The kernel's default pool is max(10, 2 * ncpu) instances:
+# one server with a few dozen accepting threads would exhaust it, and the return of
+# every accept beyond it is silently missed. 4096 is the most the kernel takes
+# (KRETPROBE_MAXACTIVE_MAX); an instance is under 100 bytes, so the pool costs under
+# half a MiB. A miss is still survivable: sys_exit_accept walks the fd to its sock.
+KRETPROBE_MAXACTIVE = 4096
+
+# The attach table of bpf/kprobes.bpf.c, in attach order. inet_csk_listen_start
+# returns without sleeping, so its kretprobe keeps the default pool (and the
+# perf-event attach, which the kernel removes by itself if tcptrace is killed).
+KPROBE_ATTACHMENTS: tuple[KprobeAttach, ...] = (
+    KprobeAttach("tcp_set_state", "tt_kp_tcp_set_state"),
+    KprobeAttach("tcp_connect", "tt_kp_tcp_connect"),
+    KprobeAttach("inet_csk_listen_start", "tt_kp_listen_start"),
+    KprobeAttach("inet_csk_listen_start", "tt_kret_listen_start", is_return=True),
+    KprobeAttach(
+        "inet_csk_accept",
+        "tt_kret_inet_csk_accept",
+        is_return=True,
+        maxactive=KRETPROBE_MAXACTIVE,
+    ),
+    KprobeAttach("tcp_close", "tt_kp_tcp_close"),
+)
+
+
+COMMON_HEADER = "common.bpf.h"
+
+
 def bpf_source(probe_set: ProbeSet) -> tuple[str, str]:
-    """(C text, include dir) of a probe set, from the installed package."""
+    """(C text, include dir) of a probe set, from the installed package.
+
+    The shared header is spliced into the text in place of its #include: bcc
+    generates the argument struct of a TRACEPOINT_PROBE only for probes written in
+    the main text, and the probes both sets share live in that header. #line
+    directives keep compiler messages pointing at the real file and line.
+    """
     root = importlib.resources.files("tcptrace.bpf")
     name = {ProbeSet.TRACEPOINT: "tracepoints.bpf.c", ProbeSet.KPROBE: "kprobes.bpf.c"}[probe_set]
     src = root.joinpath(name)
-    if not src.is_file():
-        raise KernelSupportError(f"BPF source {name} is missing from the installed package")
-    return src.read_text(), str(root)
+    common = root.joinpath(COMMON_HEADER)
+    if not src.is_file() or not common.is_file():
+        raise KernelSupportError(
+            f"BPF source {name} or {COMMON_HEADER} is missing from the installed package"
+        )
+    lines = src.read_text().splitlines(keepends=True)
+    include = f'#include "{COMMON_HEADER}"'
+    for i, line in enumerate(lines):
+        if line.strip() == include:
+            lines[i] = (
+                f'#line 1 "{COMMON_HEADER}"\n{common.read_text()}\n#line {i + 2} "{name}"\n'
+            )
+            break
+    return "".join(lines), str(root)
 
 
 def _import_bcc() -> Any:
@@ -80,6 +138,44 @@ def build_cflags(config: CaptureConfig, offsets: KernelOffsets, include_dir: str
     return flags
 
 
+def load_without_attaching(
+    config: CaptureConfig, offsets: KernelOffsets | None = None
+) -> list[str]:
+    """Compile a probe set with bcc and load every program through the kernel's
+    verifier, attaching no kprobe; returns the names of the programs loaded.
+
+    bcc's constructor attaches TRACEPOINT_PROBE programs by itself (the shared
+    syscall/sched/tcp tracepoints); they exist on every kernel and are detached
+    again before returning. The kprobe programs are loaded as BPF_PROG_TYPE_KPROBE,
+    which needs no CONFIG_KPROBES, so this runs on kernels that cannot attach them.
+    """
+    bcc = _import_bcc()
+    text, include_dir = bpf_source(config.probe_set)
+    cflags = build_cflags(config, offsets or kernel_offsets(), include_dir)
+    try:
+        prog = bcc.BPF(text=text, cflags=cflags)
+    except Exception as exc:
+        raise KernelSupportError(
+            f"the {config.probe_set.value} probe set did not compile or load: {exc}"
+        ) from exc
+    try:
+        loaded = sorted(
+            name.decode() if isinstance(name, bytes) else str(name) for name in prog.funcs
+        )
+        if config.probe_set is ProbeSet.KPROBE:
+            for att in KPROBE_ATTACHMENTS:
+                try:
+                    prog.load_func(att.program, bcc.BPF.KPROBE)
+                except Exception as exc:
+                    raise KernelSupportError(
+                        f"the verifier refused kprobe program {att.program}: {exc}"
+                    ) from exc
+                loaded.append(att.program)
+        return sorted(set(loaded))
+    finally:
+        prog.cleanup()
+
+
 def compile_check() -> float:
     """Compile and load a trivial tracepoint program; seconds it took (doctor)."""
     bcc = _import_bcc()
@@ -95,6 +191,103 @@ def compile_check() -> float:
         return time.monotonic() - started
     finally:
         prog.cleanup()
+
+
+_SELFTEST_PROGRAM = r"""
+BPF_ARRAY(seen, u64, 16);
+TRACEPOINT_PROBE(sock, inet_sock_set_state) {
+    if (args->protocol != 6 || (args->sport != PORT && args->dport != PORT))
+        return 0;
+    int idx = args->newstate & 15;
+    u64 *v = seen.lookup(&idx);
+    if (v) __sync_fetch_and_add(v, 1);
+    return 0;
+}
+"""
+
+
+def selftest_loopback() -> dict[str, int]:
+    """Load a tiny tracepoint program, make one real loopback TCP connection,
+    and return how many times each TCP state was entered by its sockets."""
+    import socket
+
+    from tcptrace.events import TcpState
+
+    bcc = _import_bcc()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = int(listener.getsockname()[1])
+        prog = bcc.BPF(text=_SELFTEST_PROGRAM, cflags=[f"-DPORT={port}"])
+        try:
+            client = socket.create_connection(("127.0.0.1", port))
+            server, _ = listener.accept()
+            client.close()
+            server.close()
+            time.sleep(0.05)  # FIN/ACK handshake on loopback completes in softirq
+            seen = prog["seen"]
+            counts = {}
+            for state in TcpState:
+                value = int(seen[ctypes.c_int(state.value & 15)].value)
+                if value:
+                    counts[state.name] = value
+            return counts
+        finally:
+            prog.cleanup()
+
+
+@dataclass(frozen=True)
+class ProgramStats:
+    name: str
+    run_count: int
+    run_time_ns: int
+    recursion_misses: int  # runs the kernel skipped because the program was already running
+
+
+_BPF_OBJ_GET_INFO_BY_FD = 15
+_SYS_BPF = 321  # x86_64
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+_PROG_INFO_FIELDS: dict[str, tuple[int, int]] | None = None
+
+
+def _prog_info_fields() -> dict[str, tuple[int, int]]:
+    """Offsets in struct bpf_prog_info, from BTF like every other kernel struct."""
+    global _PROG_INFO_FIELDS
+    if _PROG_INFO_FIELDS is None:
+        from tcptrace.btf import KernelBtf
+
+        btf = KernelBtf.load()
+        _PROG_INFO_FIELDS = {
+            name: (m.offset, m.size)
+            for name in ("run_time_ns", "run_cnt", "recursion_misses")
+            for m in [btf.member("bpf_prog_info", name)]
+        }
+    return _PROG_INFO_FIELDS
+
+
+def program_stats(name: str, fd: int) -> ProgramStats:
+    fields = _prog_info_fields()
+    size = max(off + width for off, width in fields.values())
+    buf = ctypes.create_string_buffer(size)
+    attr = _InfoAttr(fd, size, ctypes.addressof(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr), ctypes.sizeof(attr)):
+        return ProgramStats(name, 0, 0, 0)
+    raw = buf.raw
+
+    def field_value(key: str) -> int:
+        off, width = fields[key]
+        return int.from_bytes(raw[off : off + width], "little")
+
+    return ProgramStats(
+        name, field_value("run_cnt"), field_value("run_time_ns"), field_value("recursion_misses")
+    )
 
 
 class Capture:
@@ -121,6 +314,8 @@ class Capture:
                 f"the {config.probe_set.value} probe set did not load: {exc}"
             ) from exc
         self._closed = False
+        if config.probe_set is ProbeSet.KPROBE:
+            self._attach_kprobes()
         self._handler: Callable[[SocketRecord], None] | None = None
         self._decode_errors = 0
         try:
@@ -134,6 +329,25 @@ class Capture:
         except Exception:
             self.close()
             raise
+
+    def _attach_kprobes(self) -> None:
+        """Attach the kprobe set by name (bcc attached its tracepoints already)."""
+        for att in KPROBE_ATTACHMENTS:
+            try:
+                if att.is_return:
+                    self._bpf.attach_kretprobe(
+                        event=att.function, fn_name=att.program, maxactive=att.maxactive
+                    )
+                else:
+                    self._bpf.attach_kprobe(event=att.function, fn_name=att.program)
+            except Exception as exc:
+                self.close()  # detach whatever did attach
+                kind = "kretprobe" if att.is_return else "kprobe"
+                raise KernelSupportError(
+                    f"the kprobe probe set could not attach a {kind} to {att.function} "
+                    f"(inlined, renamed or notrace on this kernel?): {exc}",
+                    "use --probes tracepoint",
+                ) from exc
 
     # -- lifecycle -------------------------------------------------------
     def close(self) -> None:
@@ -233,7 +447,15 @@ class Capture:
             values = self._stats[ctypes.c_int(stat.value)]
             totals[stat.name.lower()] = int(sum(values))
         totals["records_undecodable"] = self._decode_errors
+        totals["probe_recursion_misses"] = sum(p.recursion_misses for p in self.program_stats())
         return totals
+
+    def program_stats(self) -> list[ProgramStats]:
+        """Per BPF program: runs, run time (when kernel.bpf_stats_enabled=1), misses."""
+        return [
+            program_stats(name.decode() if isinstance(name, bytes) else str(name), fn.fd)
+            for name, fn in self._bpf.funcs.items()
+        ]
 
 
 @contextmanager

@@ -28,6 +28,8 @@ on the running interpreter ("::ffff:7f00:1" before Python 3.13).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import errno
 import functools
 import inspect
@@ -69,6 +71,7 @@ PROC = "/proc"
 
 SOCK_DIAG_BY_FAMILY = 20
 NLMSG_ERROR = 2
+NLMSG_DONE = 3
 
 # Every state bit. pyroute2's SS_ALL stops at bit 11: it misses NEW_SYN_RECV (12) and
 # the bound-inactive pseudo state (13, kernel >= 6.8), under which the kernel reports
@@ -259,9 +262,11 @@ def split_preexisting_key(key: int) -> tuple[int, int]:
 class _FastDiagMarshal(MarshalDiag):  # type: ignore[misc]
     """MarshalDiag that decodes TCP records with `decode_inet_diag_msg`.
 
-    Also turns NLMSG_ERROR into a raised OSError: MarshalDiag disables error parsing
-    (its error_type is -1, because the family byte it dispatches on is not the
-    message type), so a kernel error would otherwise come back as an empty message.
+    Also turns kernel errors into a raised OSError. MarshalDiag disables error
+    parsing (its error_type is -1, because the family byte it dispatches on is not
+    the message type), so an NLMSG_ERROR would come back as an empty message; and a
+    dump the kernel cannot do at all (no diag handler for the protocol) ends with an
+    NLMSG_DONE carrying -ENOENT, which pyroute2 takes for an empty dump.
     """
 
     def parse_one_message(
@@ -274,9 +279,11 @@ class _FastDiagMarshal(MarshalDiag):  # type: ignore[misc]
             and length >= _INET_DIAG_MSG_MIN_LEN
         ):
             return decode_inet_diag_msg(data, offset)
-        if mtype == NLMSG_ERROR and length >= _NLMSG_HEADER.size + 4:
+        if mtype in (NLMSG_ERROR, NLMSG_DONE) and length >= _NLMSG_HEADER.size + 4:
             (code,) = struct.unpack_from("=i", data, offset + _NLMSG_HEADER.size)
             error = OSError(-code, os.strerror(-code)) if code < 0 else None
+            if mtype == NLMSG_DONE and error is None:
+                return super().parse_one_message(key, flags, sequence_number, data, offset, length)
             return {
                 "header": {
                     "length": length,
@@ -345,16 +352,33 @@ def list_tcp_sockets(netns: str | None = None) -> list[KernelSocket]:
     `netns` is the path of a namespace file (e.g. "/proc/PID/ns/net"); None means our
     own namespace. Sockets may come and go during the dump: each one is consistent in
     itself, the list as a whole is not an atomic picture.
+
+    Safe to call from a thread running an asyncio loop (pyroute2's synchronous API
+    runs a loop of its own, which cannot nest: the dump then runs in a worker thread).
     """
     try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _list_tcp_sockets(netns)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sock_diag") as pool:
+        return pool.submit(_list_tcp_sockets, netns).result()
+
+
+def _list_tcp_sockets(netns: str | None) -> list[KernelSocket]:
+    try:
         ds = _DiagSocket(netns)
-    except (OSError, RuntimeError) as exc:
+    except OSError as exc:
         if netns is not None:
+            denied = exc.errno in (errno.EPERM, errno.EACCES)
             raise TargetError(
                 f"cannot enter network namespace {netns}: {exc}",
-                hint="entering another namespace needs CAP_SYS_ADMIN",
+                hint="entering another namespace needs CAP_SYS_ADMIN" if denied else "",
             ) from exc
         raise KernelSupportError(f"cannot open a sock_diag netlink socket: {exc}") from exc
+    except RuntimeError as exc:  # pyroute2's netns helper process died
+        if netns is None:
+            raise
+        raise TargetError(f"cannot enter network namespace {netns}: {exc}") from exc
     with ds:
         ds.bind()
         return _dump_family(ds, socket.AF_INET) + _dump_family(ds, socket.AF_INET6)

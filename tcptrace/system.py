@@ -165,6 +165,78 @@ def nofile_limit(pid: int) -> int | None:
     return None
 
 
+# --- issue 5: fds in use at start and end, for the time-to-RLIMIT_NOFILE estimate
+def open_fd_count(pid: int) -> int | None:
+    """Entries in /proc/PID/fd (None when unreadable, e.g. the process has exited)."""
+    try:
+        return sum(1 for _ in os.scandir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+# --- end issue 5
+
+
+# Kernel functions the kprobe set attaches to (bpf/kprobes.bpf.c; the attach table
+# in tcptrace/probes.py must name exactly these, a unit test checks it).
+KPROBE_FUNCTIONS: tuple[str, ...] = (
+    "tcp_set_state",
+    "tcp_connect",
+    "inet_csk_listen_start",
+    "inet_csk_accept",
+    "tcp_close",
+)
+KALLSYMS = "/proc/kallsyms"
+KPROBE_BLACKLIST = "/sys/kernel/debug/kprobes/blacklist"
+
+
+def kernel_text_symbols(path: str = KALLSYMS) -> set[str] | None:
+    """Names of the core kernel's functions, or None when kallsyms is unreadable.
+
+    A function the compiler inlined everywhere, or only kept as a renamed clone
+    (`tcp_set_state.isra.0`), has no symbol of its own name: a kprobe cannot attach.
+    """
+    names: set[str] = set()
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                parts = line.split()
+                # "addr type name" for the core kernel; modules add "[module]".
+                if len(parts) == 3 and parts[1] in (b"t", b"T", b"w", b"W"):
+                    names.add(parts[2].decode("ascii", "replace"))
+    except OSError:
+        return None
+    return names
+
+
+def kprobe_blacklist(path: str = KPROBE_BLACKLIST) -> set[str]:
+    """Functions the kernel refuses to kprobe (debugfs; empty when unreadable)."""
+    try:
+        with open(path) as f:
+            return {line.split()[-1] for line in f if line.strip()}
+    except OSError:
+        return set()
+
+
+def kprobe_set_problem() -> str | None:
+    """Why the kprobe probe set cannot run on this kernel, or None when it can."""
+    if tracefs_root() is None:
+        return "tracefs is not mounted"
+    if not kprobes_available():
+        return "this kernel has no kprobes (CONFIG_KPROBES is off: tracefs has no kprobe_events)"
+    if not tracepoint_exists("tcp", "tcp_destroy_sock"):
+        return "tracepoint tcp:tcp_destroy_sock is missing (the kprobe set takes deaths from it)"
+    symbols = kernel_text_symbols()
+    blacklist = kprobe_blacklist()
+    for fn in KPROBE_FUNCTIONS:
+        if symbols is not None and fn not in symbols:
+            return (
+                f"kernel function {fn} is not traceable here (no symbol of that name in "
+                f"{KALLSYMS}: inlined or renamed by the compiler)"
+            )
+        if fn in blacklist or (symbols is not None and f"_kbl_addr_{fn}" in symbols):
+            return f"kernel function {fn} is on the kprobe blacklist"
+    return None
+
+
 def choose_probe_set(requested: str) -> tuple[str, str]:
     """(probe set, why) for --probes auto|tracepoint|kprobe on this kernel."""
     have_tp = tracepoint_exists("sock", "inet_sock_set_state") and tracepoint_exists(
@@ -178,24 +250,29 @@ def choose_probe_set(requested: str) -> tuple[str, str]:
                 "mount tracefs (mount -t tracefs nodev /sys/kernel/tracing) or use --probes kprobe",
             )
         return "tracepoint", "requested with --probes tracepoint"
-    if requested == "kprobe":
-        raise KernelSupportError(
-            "the kprobe probe set is not implemented yet in this build",
-            "use --probes tracepoint (or auto)",
-        )
-    if requested != "auto":
+    if requested not in ("kprobe", "auto"):
         raise KernelSupportError(
             f"unknown probe set {requested!r}", "use auto, tracepoint or kprobe"
         )
+    problem = kprobe_set_problem()
+    if requested == "kprobe":
+        if problem is not None:
+            raise KernelSupportError(
+                f"kprobe probe set unavailable: {problem}",
+                "use --probes tracepoint or auto",
+            )
+        return "kprobe", "requested with --probes kprobe"
+    if problem is None:
+        return "kprobe", "auto: kprobes available and " + ", ".join(KPROBE_FUNCTIONS) + " traceable"
     if have_tp:
-        why = "kernel has no kprobes" if not kprobes_available() else "kprobe set not built yet"
-        return "tracepoint", f"auto: tracepoints present; {why}"
+        return "tracepoint", f"auto: kprobe set unavailable, {problem}"
     if tracefs_root() is None:
         raise KernelSupportError(
             "tracefs is not mounted, so no tracepoint can be found",
             "mount -t tracefs nodev /sys/kernel/tracing",
         )
     raise KernelSupportError(
-        "no usable probe set: this kernel lacks sock:inet_sock_set_state/tcp:tcp_destroy_sock",
-        "tcptrace needs Linux >= 4.16 with tracepoints",
+        "no usable probe set: this kernel lacks sock:inet_sock_set_state/tcp:tcp_destroy_sock "
+        f"and the kprobe set is unavailable ({problem})",
+        "tcptrace needs Linux >= 5.8 with tracepoints or kprobes",
     )

@@ -22,6 +22,7 @@ from typing import TextIO
 
 from tcptrace import __version__
 from tcptrace.clock import MonotonicClock
+from tcptrace.events import ACTIVITY_STATS
 from tcptrace.ledger import Ledger
 from tcptrace.report import (
     SCHEMA_VERSION,
@@ -180,7 +181,9 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         ledger.reconcile(cap.scan())
         cap.drain(ledger.apply)
         _refresh_preexisting(ledger, options.pids)
-        losses = _losses(ledger, cap.stats(), symbolizer.counters)
+        final_stats = cap.stats()
+        losses = _losses(ledger, final_stats, symbolizer.counters)
+        activity = _activity(final_stats, ledger)
 
     ended_at = time.time()
     opened = ledger.open_sockets()
@@ -198,6 +201,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         losses=losses,
         extra={
             "probe_set_reason": why,
+            "activity": activity,
             "stop_reason": stop.reason,
             "follow_forks": options.follow_forks,
             "rlimit_nofile": limits,
@@ -230,12 +234,23 @@ def _refresh_preexisting(ledger: Ledger, pids: tuple[int, ...]) -> None:
 
     alive = tuple(p for p in pids if is_alive(p))
     now = time.time()
-    ledger.refresh_preexisting(snapshot.preexisting_connections(alive, now), now)
+    current = snapshot.preexisting_connections(alive, now, missing_ok=True)
+    ledger.refresh_preexisting(current, now)
 
 
 def _losses(ledger: Ledger, kernel: Mapping[str, int], stacks: Mapping[str, int]) -> dict[str, int]:
-    """Every counter of every layer, so a silent loss cannot look like 'no leaks'."""
-    return {**kernel, **ledger.counters, **stacks}
+    """Every loss counter of every layer, so a silent loss cannot look like 'no leaks'."""
+    activity = {stat.name.lower() for stat in ACTIVITY_STATS}
+    kernel_losses = {k: v for k, v in kernel.items() if k not in activity}
+    return {**kernel_losses, **ledger.counters, **stacks}
+
+
+def _activity(kernel: Mapping[str, int], ledger: Ledger) -> dict[str, int]:
+    activity = {stat.name.lower() for stat in ACTIVITY_STATS}
+    counts = {f"kernel_{k}": v for k, v in kernel.items() if k in activity}
+    counts["connections_closed"] = ledger.closed_count
+    counts["connections_open_at_end"] = len(ledger.open_sockets())
+    return counts
 
 
 def _summary(

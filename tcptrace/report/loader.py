@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,20 +31,48 @@ from tcptrace.report.schema import (
     coerce_values,
     columns,
     conform,
+    to_frame,
 )
 from tcptrace.report.writers import META_FILE, PARQUET_TABLE_KEY, PARQUET_VERSION_KEY
 
 REQUIRED_TABLES: Final = ("open_sockets", "connections")
+# Added to schema version 1 before its first release: a report whose meta.json does not
+# mention it was written before the timeline existed, and loads with an empty one.
+OPTIONAL_TABLES: Final = ("timeline",)
 # pyarrow repeats the path we already print; drop it to keep the message to one short line.
 _ARROW_PREFIX: Final = re.compile(r"^Could not open Parquet input source '[^']*': ")
 
 
 @dataclass(frozen=True)
 class Report:
+    """A loaded report: meta.json as a dict, and one typed DataFrame per table.
+
+    Columns and dtypes are exactly those declared in tcptrace.report.schema
+    (see docs/report-format.md).
+    """
+
     directory: Path
     meta: dict[str, Any]
     open_sockets: pd.DataFrame
     connections: pd.DataFrame
+    timeline: pd.DataFrame = field(default_factory=lambda: to_frame("timeline", []))
+
+    @property
+    def threshold_s(self) -> float:
+        value = self.meta.get("threshold_s")
+        return float(value) if isinstance(value, int | float) else float("nan")
+
+    @property
+    def losses(self) -> dict[str, int]:
+        raw = self.meta.get("losses")
+        if not isinstance(raw, dict):
+            return {}
+        return {str(k): int(v) for k, v in raw.items() if isinstance(v, int)}
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        raw = self.meta.get("extra")
+        return raw if isinstance(raw, dict) else {}
 
 
 def load_report(directory: str | os.PathLike[str]) -> Report:
@@ -60,7 +88,10 @@ def load_report(directory: str | os.PathLike[str]) -> Report:
     expected_rows = _expected_rows(meta)
 
     frames: dict[str, pd.DataFrame] = {}
-    for table in REQUIRED_TABLES:
+    for table in (*REQUIRED_TABLES, *OPTIONAL_TABLES):
+        if table in OPTIONAL_TABLES and not _mentioned(table, meta, listed_names):
+            frames[table] = to_frame(table, [])
+            continue
         frame = _read_table(path, table, listed_names)
         want = expected_rows.get(table)
         if want is not None and len(frame) != want:
@@ -73,7 +104,15 @@ def load_report(directory: str | os.PathLike[str]) -> Report:
         meta=meta,
         open_sockets=frames["open_sockets"],
         connections=frames["connections"],
+        timeline=frames["timeline"],
     )
+
+
+def _mentioned(table: str, meta: dict[str, Any], listed: set[str] | None) -> bool:
+    tables = meta.get("tables")
+    in_tables = isinstance(tables, dict) and table in tables
+    in_files = listed is not None and any(n.split(".", 1)[0] == table for n in listed)
+    return in_tables or in_files
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:

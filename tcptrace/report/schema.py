@@ -96,10 +96,91 @@ CONNECTIONS: Final[tuple[Column, ...]] = (
     *_BYTES_COLUMNS,
 )
 
+TIMELINE: Final[tuple[Column, ...]] = (
+    Column("t", TIMESTAMP, "sample time"),
+    Column("pid", INT, "process id (tgid)"),
+    Column("comm", STRING, "process name at the last sample that saw this call site"),
+    Column(
+        "call_site",
+        STRING,
+        "folded stack that opened the sockets (as in the `stack` column), or a placeholder:"
+        " [preexisting: stack unknown], [stack not captured], [empty stack]",
+    ),
+    Column("open_count", INT, "sockets of this pid from this call site open at t (listeners too)"),
+    Column("flagged_count", INT, "of those, flagged as leaks at t (same rule as `leak`)"),
+    Column("oldest_age_s", FLOAT, "age of the oldest of them at t; NA when open_count is 0"),
+)
+
 TABLES: Final[Mapping[str, tuple[Column, ...]]] = {
     "open_sockets": OPEN_SOCKETS,
     "connections": CONNECTIONS,
+    "timeline": TIMELINE,
 }
+
+# What each table is, for docs/report-format.md (generated from this module).
+TABLE_DESCRIPTIONS: Final[Mapping[str, str]] = {
+    "open_sockets": (
+        "One row per socket still open when the report was written (at `report_time`),"
+        " whether or not it is flagged as a leak."
+    ),
+    "connections": (
+        "One row per socket seen during the run, open or closed: the full history,"
+        " for open/close counts per call site."
+    ),
+    "timeline": (
+        "Open sockets per process and call site, sampled at a fixed interval while tracing"
+        " (`extra.sample_interval_s`) plus a final sample at stop. Dense: once a (pid,"
+        " call_site) pair has been seen, every sample has a row for it (0 when none are open),"
+        " and earlier samples are back-filled with 0. Long runs are thinned to at most"
+        " `extra.timeline_max_samples` samples by dropping every other one, keeping the last."
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MetaField:
+    name: str
+    type: str  # JSON type as written
+    description: str
+
+
+# meta.json: written last, so its presence marks a complete report. Declared here so the
+# format documentation is generated from one place (a unit test checks RunMeta matches).
+META_FIELDS: Final[tuple[MetaField, ...]] = (
+    MetaField("tool_version", "string", "tcptrace version that wrote the report"),
+    MetaField("schema_version", "integer", "version of this format; readers refuse others"),
+    MetaField("host", "string", "host name of the traced machine"),
+    MetaField("kernel", "string", "kernel release (uname -r)"),
+    MetaField("probe_set", "string", "probe set used: tracepoint or kprobe"),
+    MetaField("pids", "array of integers", "the traced process ids"),
+    MetaField("threshold_s", "number", "leak threshold in seconds"),
+    MetaField("started_at", "number", "start of the run, epoch seconds"),
+    MetaField("ended_at", "number", "end of the run, epoch seconds"),
+    MetaField(
+        "losses",
+        "object",
+        "every loss/anomaly counter of every layer (kernel, ledger, stacks); zeros included",
+    ),
+    MetaField("extra", "object", "run details; the keys below are the ones analysis uses"),
+    MetaField(
+        "extra.rlimit_nofile",
+        "object",
+        'soft RLIMIT_NOFILE per pid ("pid" -> integer, null when unlimited or unknown)',
+    ),
+    MetaField(
+        "extra.fd_count",
+        "object",
+        '{"start": {pid: n}, "end": {pid: n}}: entries in /proc/PID/fd at start and end'
+        " (null when unreadable, e.g. the process had exited)",
+    ),
+    MetaField("extra.sample_interval_s", "number", "timeline sampling interval in seconds"),
+    MetaField(
+        "extra.timeline_max_samples", "integer", "cap on timeline samples (see `timeline`)"
+    ),
+    MetaField("report_time", "number", "the `now` that ages and leak flags were computed at"),
+    MetaField("files", "array of strings", "table files written, in order"),
+    MetaField("tables", "object", 'rows per table: {"open_sockets": {"rows": n}, ...}'),
+)
 
 
 def columns(table: str) -> tuple[Column, ...]:

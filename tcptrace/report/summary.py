@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import textwrap
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ _NOISE_PREFIXES: Final = (
     "__",  # __libc_connect, __GI___connect, __connect, __sys_...
     "syscall.",
     "runtime.",
+    "runtime/",  # runtime/internal/syscall.Syscall6
     "internal/poll.",
     "internal/syscall",
     "net.",  # Go's net package; net/http.* (a "/" not a ".") is kept
@@ -121,6 +123,14 @@ def _clip(line: str, width: int) -> str:
     return line if len(line) <= width else line[: max(width - 3, 0)] + "..."
 
 
+def short_frame(frame: str) -> str:
+    """'main.f (/long/path/to/main.go:42)' -> 'main.f (main.go:42)' for the terminal."""
+    name, sep, location = frame.partition(" (")
+    if not sep:
+        return frame
+    return f"{name} ({location.rsplit('/', 1)[-1]}"
+
+
 def _counts(counter: Mapping[str, int]) -> str:
     return " ".join(
         f"{name}={n}" for name, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -188,9 +198,10 @@ def render_summary(
         classes = _counts({c.value: n for c, n in summary.leak_classes.items()})
         lines.append(f"    states: {states}   classes: {classes}")
         if summary.top_frames:
-            lines.extend(f"    at {frame}" for frame in summary.top_frames)
+            lines.extend(f"    at {short_frame(frame)}" for frame in summary.top_frames)
         else:
             lines.append(f"    {summary.key} {_placeholder_note(summary)}")
-    lines.append("")
-    lines.append(render_losses(losses))
-    return "\n".join(_clip(line, width) for line in lines) + "\n"
+    body = "\n".join(_clip(line, width) for line in lines)
+    # Loss counters are wrapped, never clipped: each one must stay readable.
+    wrapped = textwrap.fill(render_losses(losses), width=width, subsequent_indent="        ")
+    return body + "\n\n" + wrapped + "\n"

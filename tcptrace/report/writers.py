@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
@@ -20,7 +20,12 @@ import pyarrow.parquet as pq
 
 from tcptrace.errors import ReportError
 from tcptrace.fileio import prepare_output_dir, write_atomic
-from tcptrace.report.schema import SCHEMA_VERSION, connections_frame, open_sockets_frame
+from tcptrace.report.schema import (
+    SCHEMA_VERSION,
+    connections_frame,
+    open_sockets_frame,
+    to_frame,
+)
 from tcptrace.sockets import Connection
 
 META_FILE: Final = "meta.json"
@@ -113,8 +118,12 @@ def write_report(
     threshold_s: float,
     meta: RunMeta,
     writers: Sequence[TableWriter] = DEFAULT_WRITERS,
+    timeline: Sequence[Mapping[str, object]] = (),
 ) -> ReportPaths:
-    """Write open_sockets and connections through every writer, then meta.json.
+    """Write open_sockets, connections and timeline through every writer, then meta.json.
+
+    `timeline` holds TimelineRecorder.rows(); without it the timeline table is
+    written empty, so every report has the same files.
 
     `out_dir` is created if absent; callers should still call
     `prepare_output_dir(out_dir, force)` before tracing so a bad directory fails
@@ -134,6 +143,7 @@ def write_report(
     frames = {
         "open_sockets": open_sockets_frame(connections, now, threshold_s),
         "connections": connections_frame(connections, now),
+        "timeline": to_frame("timeline", timeline),
     }
     written: list[Path] = []
     for table, frame in frames.items():

@@ -19,7 +19,6 @@ import hashlib
 import importlib.resources
 import json
 import os
-import queue
 import shlex
 import shutil
 import signal
@@ -81,9 +80,12 @@ class WorkloadBuildError(TcptraceError):
 class WorkloadStartError(TcptraceError):
     """A workload exited, or printed no READY line in time, after it was started."""
 
-    def __init__(self, message: str, hint: str = "", stderr: str = "") -> None:
+    def __init__(
+        self, message: str, hint: str = "", stderr: str = "", pid: int | None = None
+    ) -> None:
         super().__init__(message, hint)
         self.stderr = stderr
+        self.pid = pid
 
 
 def cache_root() -> Path:
@@ -297,11 +299,13 @@ def build(name: str, out_dir: Path | None = None) -> Path:
 
 
 class _LineReader:
-    """Drains a process's stdout on a thread so the pipe never fills; lines go to a queue."""
+    """Drains a process's stdout on a thread so the pipe never fills, and keeps every line."""
 
     def __init__(self, stream: IO[str]) -> None:
         self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._eof = False
+        self._taken: set[int] = set()
+        self._cond = threading.Condition()
         self._stream = stream
         self._thread = threading.Thread(target=self._run, name="workload-stdout", daemon=True)
         self._thread.start()
@@ -309,34 +313,43 @@ class _LineReader:
     def _run(self) -> None:
         try:
             for raw in self._stream:
-                line = raw.rstrip("\n")
-                self.lines.append(line)
-                self._queue.put(line)
+                with self._cond:
+                    self.lines.append(raw.rstrip("\n"))
+                    self._cond.notify_all()
         except (OSError, ValueError):
             pass  # stream closed under us by stop()
         finally:
-            self._queue.put(None)
+            with self._cond:
+                self._eof = True
+                self._cond.notify_all()
 
-    def next_line(self, deadline: float) -> str | None:
-        """The next line; None at EOF. Raises queue.Empty when the deadline passes."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise queue.Empty
-        return self._queue.get(timeout=left)
+    def take(self, tag: str, deadline: float) -> str | None:
+        """The first line ``TAG ...`` not taken yet, or None at EOF; TimeoutError at deadline.
+
+        Lines of other tags stay available to later calls, whatever the order of the calls.
+        """
+        prefix = tag + " "
+        with self._cond:
+            while True:
+                for i, line in enumerate(self.lines):
+                    if i not in self._taken and line.startswith(prefix):
+                        self._taken.add(i)
+                        return line
+                if self._eof:
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self._cond.wait(left)
+
+    def snapshot(self) -> list[str]:
+        with self._cond:
+            return list(self.lines)
 
     def join(self, timeout: float) -> bool:
         """Wait for EOF on the stream; True when the reader thread has finished."""
         self._thread.join(timeout)
         return not self._thread.is_alive()
-
-
-def _parse_tagged(line: str, tag: str) -> dict[str, Any] | None:
-    if not line.startswith(tag + " "):
-        return None
-    value = json.loads(line[len(tag) + 1 :])
-    if not isinstance(value, dict):
-        raise ValueError(f"{tag} payload is not a JSON object: {line!r}")
-    return value
 
 
 @dataclass
@@ -357,7 +370,7 @@ class RunningWorkload:
     @property
     def lines(self) -> list[str]:
         """Every stdout line read so far (READY included)."""
-        return list(self._reader.lines)
+        return self._reader.snapshot()
 
     def stderr_text(self) -> str:
         """What the process wrote to stderr so far."""
@@ -370,7 +383,10 @@ class RunningWorkload:
         return data.decode("utf-8", "replace")
 
     def wait_line(self, tag: str, timeout: float = 20.0) -> dict[str, Any]:
-        """Wait for the next stdout line ``TAG {json}`` (e.g. DONE, CLOSED, ACCEPTED)."""
+        """Wait for a stdout line ``TAG {json}`` (DONE, CLOSED, ACCEPTED) and return its JSON.
+
+        Each line is returned once; repeated calls return the following lines with that tag.
+        """
         return _wait_tagged(self.name, self.proc, self._reader, tag, timeout, self.stderr_text)
 
     def wait(self, timeout: float) -> int:
@@ -418,28 +434,38 @@ def _wait_tagged(
     stderr_text: Callable[[], str],
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
-    while True:
+    try:
+        line = reader.take(tag, deadline)
+    except TimeoutError:
+        raise WorkloadStartError(
+            f"workload {name!r} (pid {proc.pid}) printed no {tag} line within {timeout:g}s",
+            stderr=stderr_text(),
+            pid=proc.pid,
+        ) from None
+    if line is None:
         try:
-            line = reader.next_line(deadline)
-        except queue.Empty:
-            raise WorkloadStartError(
-                f"workload {name!r} (pid {proc.pid}) printed no {tag} line within {timeout:g}s",
-                stderr=stderr_text(),
-            ) from None
-        if line is None:
-            rc = proc.wait()
-            err = stderr_text()
-            raise WorkloadStartError(
-                f"workload {name!r} (pid {proc.pid}) exited with status {rc} before printing "
-                f"{tag}" + (f": {err.strip()}" if err.strip() else ""),
-                stderr=err,
-            )
-        try:
-            parsed = _parse_tagged(line, tag)
-        except ValueError as e:
-            raise WorkloadStartError(f"workload {name!r} printed a bad {tag} line: {e}") from e
-        if parsed is not None:
-            return parsed
+            status = f"exited with status {proc.wait(5.0)}"
+        except subprocess.TimeoutExpired:
+            status = "closed its stdout"
+        err = stderr_text()
+        raise WorkloadStartError(
+            f"workload {name!r} (pid {proc.pid}) {status} before printing {tag}"
+            + (f": {err.strip()}" if err.strip() else ""),
+            stderr=err,
+            pid=proc.pid,
+        )
+    try:
+        value = json.loads(line[len(tag) + 1 :])
+    except ValueError as e:
+        raise WorkloadStartError(
+            f"workload {name!r} printed a bad {tag} line {line!r}: {e}", pid=proc.pid
+        ) from e
+    if not isinstance(value, dict):
+        raise WorkloadStartError(
+            f"workload {name!r} printed a {tag} line that is not a JSON object: {line!r}",
+            pid=proc.pid,
+        )
+    return value
 
 
 def start(name: str, *args: str, timeout: float = 20) -> RunningWorkload:

@@ -316,8 +316,8 @@ func usage() int {
 }
 
 func main() {
-	// SIGTERM / SIGINT end the hold early; the program then exits 0.
-	sigCtx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	// SIGTERM / SIGINT / SIGHUP end the hold early; the program then exits 0.
+	sigCtx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer stop()
 	if len(os.Args) < 2 {
 		os.Exit(usage())

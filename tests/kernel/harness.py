@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import threading
 import time
@@ -16,34 +17,50 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from tcptrace.launch import GatedProcess
 from tcptrace.tracer import StopFlag, TraceOptions, TraceResult, run_trace
 
 
-def read_line_with(
-    proc: subprocess.Popen[str], prefix: str, timeout: float = 30.0
-) -> dict[str, object]:
-    """Wait for `PREFIX {json}` on the process's stdout."""
-    assert proc.stdout is not None
-    result: dict[str, object] = {}
-    done = threading.Event()
+class LineLog:
+    """Every stdout line of a process, read by one thread; wait for `TAG {json}` lines."""
 
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith(prefix):
-                result.update(json.loads(line[len(prefix) :].strip() or "{}"))
-                done.set()
-                return
-        done.set()
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self._proc = proc
+        self._lines: list[str] = []
+        self._taken: set[int] = set()
+        self._cond = threading.Condition()
+        self._eof = False
+        threading.Thread(target=self._read, daemon=True).start()
 
-    threading.Thread(target=reader, daemon=True).start()
-    if not done.wait(timeout) or not result:
-        raise AssertionError(
-            f"no {prefix!r} line from pid {proc.pid} within {timeout}s (exit code {proc.poll()})"
-        )
-    return result
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            with self._cond:
+                self._lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def wait(self, tag: str, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for i, line in enumerate(self._lines):
+                    if i not in self._taken and line.startswith(tag + " "):
+                        self._taken.add(i)
+                        value = json.loads(line[len(tag) + 1 :])
+                        assert isinstance(value, dict)
+                        return value
+                left = deadline - time.monotonic()
+                if self._eof or left <= 0:
+                    raise AssertionError(
+                        f"no {tag!r} line from pid {self._proc.pid} within {timeout}s "
+                        f"(exit code {self._proc.poll()}); got {self._lines!r}"
+                    )
+                self._cond.wait(left)
 
 
 @dataclass
@@ -56,6 +73,7 @@ class Traced:
     extra_pids: tuple[int, ...] = ()
     follow_forks: bool = False
     procs: list[GatedProcess] = field(default_factory=list)
+    logs: list[LineLog] = field(default_factory=list)
     result: TraceResult | None = None
     log: io.StringIO = field(default_factory=io.StringIO)
     _stop: StopFlag = field(default_factory=StopFlag)
@@ -66,7 +84,9 @@ class Traced:
     def __enter__(self) -> Traced:
         try:
             for argv in self.argvs:
-                self.procs.append(GatedProcess(argv, stdout=subprocess.PIPE))
+                proc = GatedProcess(argv, stdout=subprocess.PIPE)
+                self.procs.append(proc)
+                self.logs.append(LineLog(proc.proc))
             options = TraceOptions(
                 pids=tuple(p.pid for p in self.procs) + self.extra_pids,
                 output_dir=self.output_dir,
@@ -75,6 +95,8 @@ class Traced:
                 poll_interval_s=0.05,
                 scan_interval_s=0.5,
                 follow_forks=self.follow_forks,
+                # scripts/vm-test runs the same tests under each probe set.
+                probes=os.environ.get("TCPTRACE_PROBES", "auto"),
                 on_attached=self._attached.set,
             )
             self._thread = threading.Thread(target=self._run, args=(options,), daemon=True)
@@ -98,6 +120,10 @@ class Traced:
     def release(self, index: int) -> GatedProcess:
         self.procs[index].release()
         return self.procs[index]
+
+    def wait_line(self, index: int, tag: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait for `TAG {json}` from workload `index` (each line is returned once)."""
+        return self.logs[index].wait(tag, timeout)
 
     def stop(self, timeout: float = 60.0) -> TraceResult:
         """End the trace (the workloads keep running) and return its result."""

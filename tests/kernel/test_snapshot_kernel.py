@@ -6,11 +6,14 @@ fds and ports; the snapshot must find exactly those, and agree with `ss`.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import ipaddress
 import json
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -245,6 +248,30 @@ def test_list_tcp_sockets_sees_every_state_of_the_child(child: Child) -> None:
     assert all(s.cookie != 0 for s in seen.values())
     assert all(s.uid == os.getuid() for s in seen.values())
     assert {s.family for s in seen.values()} == {"ipv4", "ipv6"}
+
+
+def test_list_tcp_sockets_inside_a_running_event_loop(child: Child) -> None:
+    async def dump() -> list[KernelSocket]:
+        return list_tcp_sockets()
+
+    ports = {s.lport for s in asyncio.run(dump())}
+    assert child.info["lports"]["l4"] in ports
+
+
+def test_dump_of_a_protocol_without_diag_handler_raises() -> None:
+    # The kernel answers with NLMSG_DONE carrying -ENOENT; stock pyroute2 returns ().
+    from tcptrace import snapshot
+
+    with snapshot._DiagSocket() as ds:
+        ds.bind()
+        with pytest.raises(OSError) as info:
+            ds.get_sock_stats(family=socket.AF_INET, states=snapshot.ALL_STATES, protocol=254)
+    assert info.value.errno == errno.ENOENT
+
+
+def test_missing_network_namespace_raises_target_error() -> None:
+    with pytest.raises(TargetError):
+        list_tcp_sockets("/nonexistent/netns")
 
 
 def test_nonexistent_pid_raises_target_error() -> None:

@@ -379,6 +379,17 @@ def test_fast_marshal_raises_netlink_errors() -> None:
     assert kernel_socket_from_msg(msg) is None
 
 
+def test_fast_marshal_raises_on_a_done_carrying_an_error() -> None:
+    # What the kernel sends for a protocol without a diag handler.
+    (msg,) = snapshot._FastDiagMarshal().parse(_nlmsg(3, 2, struct.pack("=i", -errno.ENOENT)))
+    error = msg["header"]["error"]
+    assert isinstance(error, OSError)
+    assert error.errno == errno.ENOENT
+    (ok,) = snapshot._FastDiagMarshal().parse(_nlmsg(3, 2, struct.pack("=i", 0)))
+    assert ok["header"]["type"] == 3
+    assert ok["header"].get("error") is None
+
+
 def test_dump_family_treats_missing_ipv6_as_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     class Failing:
         def get_sock_stats(self, **_: object) -> tuple[object, ...]:

@@ -1,0 +1,128 @@
+"""The probe sets on the running kernel: verifier, choice, and a real lifecycle.
+
+The lifecycle test traces tests/kernel/lifecycle.py's workload with the probe set
+named by TCPTRACE_PROBES (auto when unset: tracepoints on our machines), and checks
+the report against what the workload itself printed. scripts/vm-test runs this file
+in a Debian 12 VM under TCPTRACE_PROBES=kprobe and =tracepoint.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tcptrace import system
+from tcptrace.probes import KPROBE_ATTACHMENTS, CaptureConfig, ProbeSet, load_without_attaching
+from tests.kernel.lifecycle import check_truth, kernel_config, report_rows, trace_lifecycle
+
+pytestmark = pytest.mark.kernel
+
+
+def _kprobes_configured() -> bool:
+    config = kernel_config()
+    if config is None:
+        pytest.skip("no kernel config (/proc/config.gz, /boot/config-*) to tell if kprobes exist")
+    return config.get("CONFIG_KPROBES") == "y"
+
+
+@pytest.mark.parametrize("probe_set", [ProbeSet.KPROBE, ProbeSet.TRACEPOINT])
+def test_probe_set_compiles_and_passes_the_verifier(root: None, probe_set: ProbeSet) -> None:
+    # bcc compiles the set with this kernel's BTF offsets and loads every program
+    # through this kernel's verifier; kprobe programs load as BPF_PROG_TYPE_KPROBE,
+    # which needs no CONFIG_KPROBES, so this holds even where none can be attached.
+    started = time.monotonic()
+    loaded = load_without_attaching(CaptureConfig(pids=(), probe_set=probe_set))
+    shared = {
+        "tracepoint__syscalls__sys_enter_connect",
+        "tracepoint__syscalls__sys_enter_listen",
+        "tracepoint__syscalls__sys_enter_close",
+        "tracepoint__syscalls__sys_enter_close_range",
+        "tracepoint__syscalls__sys_exit_accept",
+        "tracepoint__syscalls__sys_exit_accept4",
+        "tracepoint__sched__sched_process_exit",
+        "tracepoint__tcp__tcp_destroy_sock",
+    }
+    if probe_set is ProbeSet.KPROBE:
+        own = {a.program for a in KPROBE_ATTACHMENTS}
+    else:
+        own = {"tracepoint__sock__inet_sock_set_state"}
+    assert set(loaded) == shared | own
+    assert time.monotonic() - started < 300
+
+
+def test_follow_forks_and_kernel_stacks_variants_load(root: None) -> None:
+    loaded = load_without_attaching(
+        CaptureConfig(pids=(), probe_set=ProbeSet.KPROBE, follow_forks=True, kernel_stacks=True)
+    )
+    assert "raw_tracepoint__sched_process_fork" in loaded
+
+
+def test_probe_choice_follows_the_kernel_config(root: None) -> None:
+    picked, why = system.choose_probe_set("auto")
+    if _kprobes_configured():
+        assert (picked, system.kprobe_set_problem()) == ("kprobe", None), why
+        assert system.choose_probe_set("kprobe") == ("kprobe", "requested with --probes kprobe")
+    else:
+        assert picked == "tracepoint"
+        assert "this kernel has no kprobes" in why
+
+
+def test_cli_kprobe_request_without_kprobes_is_one_line_and_exit_5(
+    root: None, tmp_path: Path
+) -> None:
+    if _kprobes_configured():
+        # The VM side of this is test_probe_choice_follows_the_kernel_config plus
+        # the lifecycle test run with TCPTRACE_PROBES=kprobe.
+        assert system.choose_probe_set("kprobe")[0] == "kprobe"
+        return
+    cli = [sys.executable, "-m", "tcptrace.cli", "--pid", str(os.getpid())]
+    proc = subprocess.run(
+        [*cli, "--probes", "kprobe", "--output", str(tmp_path / "r1")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("tcptrace: error: kprobe probe set unavailable: this kernel has no")
+    assert "--probes tracepoint" in lines[0]
+    assert not (tmp_path / "r1").exists()
+
+    # auto falls back to tracepoints and says why, then traces.
+    proc = subprocess.run(
+        [*cli, "--duration", "1s", "--output", str(tmp_path / "r2")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert "probe set tracepoint (auto: kprobe set unavailable, this kernel has no kprobes" in first
+    assert (tmp_path / "r2" / "meta.json").is_file()
+
+
+def test_lifecycle_records_match_the_workload(root: None, tmp_path: Path) -> None:
+    requested = os.environ.get("TCPTRACE_PROBES", "auto")
+    run = trace_lifecycle(tmp_path, [requested])
+    result = run.results[requested]
+    if requested != "auto":
+        assert result.probe_set == requested
+    check_truth(report_rows(result), run.truth, result.probe_set)
+    # Nothing was lost on the way: no drops, no unresolved accept or fd.
+    for counter in (
+        "events_dropped",
+        "map_full",
+        "ustack_failed",
+        "accept_unresolved",
+        "fd_unresolved",
+        "records_undecodable",
+        "deaths_lost",
+    ):
+        assert result.losses.get(counter, 0) == 0, (counter, result.losses)
