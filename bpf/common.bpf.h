@@ -45,6 +45,10 @@
 #ifndef TT_KERNEL_STACKS
 #define TT_KERNEL_STACKS 0
 #endif
+/* 1: stream every birth (tests of the record stream); 0: first of each call site. */
+#ifndef TT_ANNOUNCE_ALL
+#define TT_ANNOUNCE_ALL 0
+#endif
 /* Wake the consumer per record only when asked; a timed poll is far cheaper. */
 #ifndef TT_RB_FLAGS
 #define TT_RB_FLAGS BPF_RB_NO_WAKEUP
@@ -64,7 +68,12 @@ _Static_assert(TT_SIZE_SK_PROTOCOL == 2, "sock.sk_protocol is not 2 bytes");
 #define TT_TCP_LISTEN 10
 
 BPF_HASH(targets, u32, u8, TT_MAX_TARGETS);
-BPF_HASH(socks, u64, struct tt_record, TT_MAX_SOCKS);
+/* No preallocation: a preallocated hash map hands a deleted element straight to
+ * the next insert, so a program still holding a pointer from lookup() on
+ * another CPU (a state change racing a destroy) would write into the new
+ * socket's record. Without preallocation a deleted element is freed only after
+ * an RCU grace period. Memory also grows with use instead of up front. */
+BPF_F_TABLE("hash", u64, struct tt_record, socks, TT_MAX_SOCKS, BPF_F_NO_PREALLOC);
 /* tid -> fd passed to the connect()/listen() now running on that thread */
 BPF_TABLE("lru_hash", u32, s32, pending_fd, 4096);
 BPF_STACK_TRACE(stacks, TT_STACKS);
@@ -245,16 +254,33 @@ static __always_inline void retire_stale(u64 sk, u64 now)
 	stat_inc(TT_STAT_SK_REUSED);
 }
 
+/* Births are streamed only for the first socket of each call site (tgid, user
+ * stack): that is when user space must symbolize, while the process lives.
+ * Every other open socket is read from `socks` by a batched scan, and every
+ * socket reaches user space once, at its death: one record per connection. */
+struct tt_site {
+	u32 tgid;
+	s32 user_stack_id;
+};
+BPF_TABLE("lru_hash", struct tt_site, u8, announced_sites, TT_STACKS);
+
 static __always_inline void track_birth(struct tt_record *r)
 {
 	u64 sk = r->sk;
+	int announce = TT_ANNOUNCE_ALL;
 	retire_stale(sk, r->ts_ns);
 	if (socks.insert(&sk, r) != 0) {
 		stat_inc(TT_STAT_MAP_FULL);
-		r->flags |= TT_FLAG_UNTRACKED; /* still stream it: user space shows it */
+		r->flags |= TT_FLAG_UNTRACKED; /* no death will follow: user space must see it */
+		announce = 1;
 	}
+	struct tt_site site = {.tgid = r->tgid, .user_stack_id = r->user_stack_id};
+	u8 one = 1;
+	if (announced_sites.insert(&site, &one) == 0)
+		announce = 1;
 	stat_inc(TT_STAT_BIRTHS);
-	emit(r);
+	if (announce)
+		emit(r);
 }
 
 /* Connect/listen births: the fd comes from the connect()/listen() entry on this

@@ -42,26 +42,37 @@ BPF_TABLE("lru_hash", u32, u64, pending_accept, 4096);
 /* tid -> sock entering inet_csk_listen_start, waiting for its return. */
 BPF_TABLE("lru_hash", u32, u64, pending_listen, 4096);
 
-/* A tracked record brought up to date from its sock. Reads at kprobe entry of
- * tcp_set_state see the ports before tcp_set_state(CLOSE) releases them. */
-static __always_inline void update_from_sock(struct tt_record *cur, u64 sk, int newstate,
-					     u64 now)
+/* A state change of a tracked sock: the tracepoint set's update, read from the
+ * sock itself. At kprobe entry the ports are still there even on the way to
+ * CLOSE; refresh_tuple keeps whatever the kernel has cleared either way. */
+static __always_inline void state_changed(struct tt_record *cur, u64 sk, int newstate)
 {
-	u16 lport = cur->lport;
 	cur->state = newstate;
-	cur->state_ns = now;
-	fill_tuple(cur, sk);
-	/* Keep the port we knew if the sock's is 0 by now (as the tracepoint set does). */
-	if (!cur->lport)
-		cur->lport = lport;
+	cur->state_ns = bpf_ktime_get_ns();
+	refresh_tuple(cur, sk);
 	if (newstate == TT_TCP_CLOSE)
 		cur->flags |= TT_FLAG_TCP_CLOSED;
+}
+
+/* A birth on a sock address still in the ledger, handled as tracepoints.bpf.c
+ * does: connect() again after a failed attempt ends the earlier attempt; any
+ * other leftover is a stale record of a freed sock. */
+static __always_inline void end_earlier_life(u64 sk, u32 tgid, u64 now)
+{
+	struct tt_record *cur = socks.lookup(&sk);
+	if (!cur)
+		return;
+	if ((cur->flags & TT_FLAG_TCP_CLOSED) && cur->tgid == tgid)
+		sock_died(sk);
+	else
+		retire_stale(sk, now);
 }
 
 /* A CONNECT or LISTEN birth of `sk` in the current (target) process. */
 static __always_inline void connect_or_listen_birth(void *ctx, u64 sk, u8 state, u8 direction)
 {
 	u64 now = bpf_ktime_get_ns();
+	end_earlier_life(sk, bpf_get_current_pid_tgid() >> 32, now);
 	struct tt_record *r = new_record(TT_KIND_BIRTH);
 	if (!r)
 		return;
@@ -73,8 +84,8 @@ static __always_inline void connect_or_listen_birth(void *ctx, u64 sk, u8 state,
 	r->direction = direction;
 	r->family = sk_family(sk);
 	fill_tuple(r, sk);
-	/* listen() that failed after the state store (no free port) leaves the
-	 * sock CLOSE: the tracepoint set births it LISTEN, then sees CLOSE. */
+	/* listen() that failed after its state store (no free port) left the sock
+	 * CLOSE: the tracepoint set births it LISTEN, then sees it go CLOSE. */
 	if (state == TT_TCP_CLOSE)
 		r->flags |= TT_FLAG_TCP_CLOSED;
 	fill_process(r);
@@ -87,20 +98,20 @@ int tt_kp_tcp_set_state(struct pt_regs *ctx)
 {
 	u64 sk = PT_REGS_PARM1(ctx);
 	int newstate = (int)PT_REGS_PARM2(ctx);
+	/* CLOSE -> SYN_SENT happens in tcp_v4/v6_connect, inside connect(). At
+	 * entry the sock still holds its old state. */
+	int is_birth = newstate == TT_TCP_SYN_SENT && sk_state(sk) == TT_TCP_CLOSE;
 
 	struct tt_record *cur = socks.lookup(&sk);
-	if (cur) {
+	if (cur && !is_birth) {
 		/* May be softirq: never trust `current` here. Update by address. */
-		update_from_sock(cur, sk, newstate, bpf_ktime_get_ns());
+		state_changed(cur, sk, newstate);
 		return 0;
 	}
-	if (newstate != TT_TCP_SYN_SENT)
+	if (!is_birth)
 		return 0;
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	if (!is_target(tgid))
-		return 0;
-	/* At entry the sock still holds its old state. */
-	if (sk_state(sk) != TT_TCP_CLOSE || sk_protocol(sk) != TT_IPPROTO_TCP)
+	if (!is_target(tgid) || sk_protocol(sk) != TT_IPPROTO_TCP)
 		return 0;
 	connect_or_listen_birth(ctx, sk, TT_TCP_SYN_SENT, TT_DIR_CONNECT);
 	return 0;
@@ -110,8 +121,9 @@ int tt_kp_tcp_connect(struct pt_regs *ctx)
 {
 	u64 sk = PT_REGS_PARM1(ctx);
 	struct tt_record *cur = socks.lookup(&sk);
+	/* inet_hash_connect() has picked the local port by now. */
 	if (cur)
-		update_from_sock(cur, sk, cur->state, cur->state_ns);
+		refresh_tuple(cur, sk);
 	return 0;
 }
 

@@ -204,7 +204,7 @@ def demo(
 )
 @click.option(
     "--flamegraph",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=click.Path(path_type=Path),
     default=None,
     help="Write an interactive HTML flame graph of leaked sockets to FILE,"
     " and its folded stacks next to it (FILE with suffix .folded).",
@@ -218,7 +218,7 @@ def demo(
 )
 @click.option(
     "--plots",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=click.Path(path_type=Path),
     default=None,
     help="Write PNG plots (open sockets over time, ages, states) into this directory.",
 )

@@ -13,7 +13,18 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from tcptrace.events import Direction, RecordFlag, RecordKind, SocketRecord, TcpState, family_name
+import numpy as np
+import pandas as pd
+
+from tcptrace.events import (
+    Direction,
+    RawSocketRecord,
+    RecordFlag,
+    RecordKind,
+    SocketRecord,
+    TcpState,
+    family_name,
+)
 from tcptrace.sockets import CloseCause, Connection, StackStatus
 
 
@@ -29,8 +40,6 @@ class Clock(Protocol):
 
 # Names of the ledger's own loss/anomaly counters (shown with the kernel's).
 LEDGER_COUNTERS = (
-    "births_recovered_from_death",  # death seen, birth record lost: row rebuilt from the death
-    "births_recovered_from_scan",  # found in the kernel map, birth record lost
     "deaths_lost",  # vanished from the kernel map without a death record
     "sockets_untracked",  # kernel ledger map was full: shown, never classified
     "sockets_replaced",  # sock address reused before we saw its destroy
@@ -54,7 +63,19 @@ class Ledger:
         self._on_closed = on_closed if on_closed is not None else self._closed.append
         self._exited: dict[int, int] = {}  # tgid -> exit time (monotonic ns)
         self._missing: set[int] = set()  # kernel-tracked keys absent from the last scan
+        # A kernel socket is its sock address *and* birth time: addresses are
+        # reused, and a scan can show the next socket at an address before the
+        # previous one's death record has been drained.
+        self._birth_ns: dict[int, int] = {}
+        # Incarnations replaced at their address, death record still to come.
+        self._superseded: dict[tuple[int, int], tuple[Connection, int]] = {}
+        self._closed_by_exit: set[tuple[int, int]] = set()  # death record still to come
         self.counters: Counter[str] = Counter({name: 0 for name in LEDGER_COUNTERS})
+        # Not losses: the kernel streams births only for a call site's first socket,
+        # so most sockets are first seen by a scan, or at their death.
+        self.activity: Counter[str] = Counter(
+            {"sockets_first_seen_by_scan": 0, "sockets_first_seen_at_death": 0}
+        )
         self.closed_count = 0
 
     # -- queries ---------------------------------------------------------
@@ -87,26 +108,32 @@ class Ledger:
         # FORK needs nothing here: the kernel already follows the child.
 
     def _birth(self, record: SocketRecord) -> None:
+        if self._holds(record.sk, record.birth_ns):
+            return  # a scan found it before its birth record was drained
+        if record.sk in self._open:
+            self._supersede(record.sk)  # its death record is in flight, or lost
         conn = self._from_record(record)
-        old = self._open.get(conn.key)
-        if old is not None:
-            # The kernel retires a stale record before reusing an address; if we
-            # still hold one, its death was lost.
-            self.counters["deaths_lost"] += 1
-            self._close(old, record.ts_ns, CloseCause.KERNEL, old.state)
         if conn.untracked:
             self.counters["sockets_untracked"] += 1
-        self._insert(conn)
+        self._insert(conn, record.birth_ns)
+
+    def _holds(self, key: int, birth_ns: int) -> bool:
+        return key in self._open and self._birth_ns.get(key) == birth_ns
 
     def _death(self, record: SocketRecord) -> None:
-        key = record.sk
-        self._missing.discard(key)
-        conn = self._open.get(key)
+        key, incarnation = record.sk, (record.sk, record.birth_ns)
+        conn: Connection | None = None
+        if self._holds(key, record.birth_ns):
+            self._missing.discard(key)
+            conn = self._open[key]
+            self._remove(key)
+        elif incarnation in self._superseded:
+            conn = self._superseded.pop(incarnation)[0]
+        elif incarnation in self._closed_by_exit:
+            self._closed_by_exit.discard(incarnation)
+            return  # already closed by the exit of its process
         if conn is None:
-            exit_ns = self._exited.get(record.tgid)
-            if exit_ns is not None and record.birth_ns <= exit_ns:
-                return  # already closed by the exit of its process
-            self.counters["births_recovered_from_death"] += 1
+            self.activity["sockets_first_seen_at_death"] += 1
             conn = self._from_record(record)
         if record.flags & RecordFlag.REPLACED:
             self.counters["sockets_replaced"] += 1
@@ -129,11 +156,43 @@ class Ledger:
         final = record.state if record.state is not None else TcpState.CLOSE
         self._close(dataclasses.replace(conn, fd_closed=fd_closed), record.ts_ns, cause, final)
 
+    def apply_deaths(self, deaths: np.ndarray) -> pd.DataFrame:
+        """Death records in bulk (numpy, RECORD_DTYPE). Sockets the ledger holds go
+        through the per-record path; the rest, born and gone between two scans,
+        come back as `connections` rows, built column by column."""
+        from tcptrace.history import death_rows
+
+        if len(deaths) == 0:
+            return death_rows(deaths, self._epoch_array, self._stacks.resolve, self._exited)
+        pairs = zip(deaths["sk"].tolist(), deaths["birth_ns"].tolist(), strict=True)
+        held = np.fromiter(
+            (
+                self._holds(k, b) or (k, b) in self._superseded or (k, b) in self._closed_by_exit
+                for k, b in pairs
+            ),
+            dtype=bool,
+            count=len(deaths),
+        )
+        for index in np.flatnonzero(held).tolist():
+            raw = RawSocketRecord.from_buffer_copy(deaths[index].tobytes())
+            self._death(SocketRecord.from_raw(raw))
+        fresh = deaths[~held]
+        self.activity["sockets_first_seen_at_death"] += len(fresh)
+        self.closed_count += len(fresh)
+        return death_rows(fresh, self._epoch_array, self._stacks.resolve, self._exited)
+
+    def _epoch_array(self, monotonic_ns: np.ndarray) -> np.ndarray:
+        offset = self._clock.to_epoch(0)
+        return offset + monotonic_ns.astype(np.float64) / 1e9
+
     def process_exited(self, pid: int, ts_ns: int) -> None:
         """Every socket of `pid` leaves the ledger, closed by exit."""
         self._exited[pid] = ts_ns
         for key in list(self._by_pid.get(pid, ())):
             conn = self._open[key]
+            if key > 0:
+                self._closed_by_exit.add((key, self._birth_ns[key]))
+            self._remove(key)
             self._close(conn, ts_ns, CloseCause.EXIT, conn.state)
 
     def _close_range(self, pid: int, low: int, high: int) -> None:
@@ -154,11 +213,16 @@ class Ledger:
         for rec in scan:
             seen.add(rec.sk)
             conn = self._open.get(rec.sk)
+            if conn is not None and self._birth_ns.get(rec.sk) != rec.birth_ns:
+                # The next socket at this address: the previous one's death
+                # record is in flight (or lost; _age_superseded decides).
+                self._supersede(rec.sk)
+                conn = None
             if conn is None:
                 if rec.tgid in self._exited:
                     continue
-                self.counters["births_recovered_from_scan"] += 1
-                self._insert(self._from_record(rec))
+                self.activity["sockets_first_seen_by_scan"] += 1
+                self._insert(self._from_record(rec), rec.birth_ns)
                 continue
             self._open[rec.sk] = dataclasses.replace(
                 conn,
@@ -179,6 +243,22 @@ class Ledger:
             self.counters["deaths_lost"] += 1
             self._close_now(conn, CloseCause.KERNEL)
         self._missing = now_missing - self._missing
+        self._age_superseded()
+
+    def _supersede(self, key: int) -> None:
+        conn = self._open[key]
+        self._superseded[(key, self._birth_ns[key])] = (conn, 0)
+        self._remove(key)
+
+    def _age_superseded(self) -> None:
+        """A replaced incarnation whose death has not arrived by two scans later lost it."""
+        for incarnation, (conn, scans) in list(self._superseded.items()):
+            if scans >= 2:
+                del self._superseded[incarnation]
+                self.counters["deaths_lost"] += 1
+                self._emit_closed(conn, self._clock.now(), CloseCause.KERNEL, conn.state)
+            else:
+                self._superseded[incarnation] = (conn, scans + 1)
 
     def _close_now(self, conn: Connection, cause: CloseCause) -> None:
         # No timestamp from the kernel: the scan time is an upper bound.
@@ -242,19 +322,21 @@ class Ledger:
             untracked=bool(rec.flags & RecordFlag.UNTRACKED),
         )
 
-    def _insert(self, conn: Connection) -> None:
+    def _insert(self, conn: Connection, birth_ns: int | None = None) -> None:
         self._open[conn.key] = conn
         self._by_pid.setdefault(conn.pid, set()).add(conn.key)
+        if birth_ns is not None:
+            self._birth_ns[conn.key] = birth_ns
 
     def _remove(self, key: int) -> None:
+        self._birth_ns.pop(key, None)
         conn = self._open.pop(key)
         keys = self._by_pid.get(conn.pid)
         if keys is not None:
             keys.discard(key)
 
     def _close(self, conn: Connection, ts_ns: int, cause: CloseCause, final: TcpState) -> None:
-        if conn.key in self._open:
-            self._remove(conn.key)
+        """Hand a socket already removed from the open set to the closed sink."""
         self._emit_closed(conn, self._clock.to_epoch(ts_ns), cause, final)
 
     def _emit_closed(

@@ -39,6 +39,8 @@ class CaptureConfig:
     # Per-record wakeups cost the traced service ~45% of its churn; a timed
     # poll costs ~10% (design.md). Tests may ask for wakeups to cut latency.
     wakeup_per_record: bool = False
+    # Stream every birth, not only the first of each call site (record-stream tests).
+    announce_all_births: bool = False
     extra_cflags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -103,9 +105,7 @@ def bpf_source(probe_set: ProbeSet) -> tuple[str, str]:
     include = f'#include "{COMMON_HEADER}"'
     for i, line in enumerate(lines):
         if line.strip() == include:
-            lines[i] = (
-                f'#line 1 "{COMMON_HEADER}"\n{common.read_text()}\n#line {i + 2} "{name}"\n'
-            )
+            lines[i] = f'#line 1 "{COMMON_HEADER}"\n{common.read_text()}\n#line {i + 2} "{name}"\n'
             break
     return "".join(lines), str(root)
 
@@ -134,6 +134,8 @@ def build_cflags(config: CaptureConfig, offsets: KernelOffsets, include_dir: str
     ]
     if config.wakeup_per_record:
         flags.append("-DTT_RB_FLAGS=0")
+    if config.announce_all_births:
+        flags.append("-DTT_ANNOUNCE_ALL=1")
     flags += list(config.extra_cflags)
     return flags
 
@@ -249,8 +251,11 @@ _SYS_BPF = 321  # x86_64
 
 
 class _InfoAttr(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
-                ("info", ctypes.c_uint64)]
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
 
 
 _PROG_INFO_FIELDS: dict[str, tuple[int, int]] | None = None
@@ -316,7 +321,7 @@ class Capture:
         self._closed = False
         if config.probe_set is ProbeSet.KPROBE:
             self._attach_kprobes()
-        self._handler: Callable[[SocketRecord], None] | None = None
+        self._chunks: list[bytes] = []
         self._decode_errors = 0
         try:
             targets = self._bpf["targets"]
@@ -371,23 +376,29 @@ class Capture:
 
     # -- records ---------------------------------------------------------
     def _on_ring_record(self, _ctx: Any, data: Any, size: int) -> int:
-        try:
-            raw = RawSocketRecord.from_buffer_copy(ctypes.string_at(data, size))
-            record = SocketRecord.from_raw(raw)
-        except (ValueError, TypeError):
-            self._decode_errors += 1
-            return 0
-        if self._handler is not None:
-            self._handler(record)
+        # Hot path: one call per record. Copy the bytes and nothing else; they
+        # are decoded in bulk (tcptrace.history.split_records).
+        self._chunks.append(ctypes.string_at(data, size))
         return 0
 
+    def drain_raw(self) -> bytes:
+        """Every record waiting in the ring buffer, concatenated, without blocking."""
+        self._bpf.ring_buffer_consume()
+        raw = b"".join(self._chunks)
+        self._chunks.clear()
+        return raw
+
     def drain(self, handler: Callable[[SocketRecord], None]) -> None:
-        """Hand every record waiting in the ring buffer to `handler`, without blocking."""
-        self._handler = handler
-        try:
-            self._bpf.ring_buffer_consume()
-        finally:
-            self._handler = None
+        """Decode and hand each waiting record to `handler` (tests, low rates)."""
+        raw = self.drain_raw()
+        size = ctypes.sizeof(RawSocketRecord)
+        for offset in range(0, len(raw), size):
+            try:
+                record = SocketRecord.decode(raw[offset : offset + size])
+            except ValueError:
+                self._decode_errors += 1
+                continue
+            handler(record)
 
     def scan(self) -> list[SocketRecord]:
         """Every socket in the in-kernel ledger right now (batched map read)."""

@@ -20,23 +20,29 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+import numpy as np
+
 from tcptrace import __version__
 from tcptrace.clock import MonotonicClock
-from tcptrace.events import ACTIVITY_STATS
+from tcptrace.events import ACTIVITY_STATS, RawSocketRecord, RecordKind, SocketRecord
+from tcptrace.history import RECORD_DTYPE, ConnectionHistory
 from tcptrace.ledger import Ledger
 from tcptrace.report import (
     SCHEMA_VERSION,
     RunMeta,
+    TimelineRecorder,
     render_summary,
     summarize_call_sites,
     write_report,
 )
+from tcptrace.report.schema import connections_frame
 from tcptrace.sockets import Connection
 from tcptrace.system import (
     choose_probe_set,
     is_alive,
     kernel_release,
     nofile_limit,
+    open_fd_count,
     require_privileges,
     validate_targets,
 )
@@ -51,6 +57,7 @@ class TraceOptions:
     probes: str = "auto"
     follow_forks: bool = False
     summary_interval_s: float = 10.0
+    sample_interval_s: float = 1.0  # timeline table: open sockets per call site
     poll_interval_s: float = 0.1
     scan_interval_s: float = 1.0
     preexisting_interval_s: float = 5.0
@@ -122,6 +129,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
     probe_set, why = choose_probe_set(options.probes)
     out_dir = prepare_output_dir(options.output_dir, options.force)
     limits = {str(p): nofile_limit(p) for p in options.pids}
+    fds_start = {str(p): open_fd_count(p) for p in options.pids}
 
     say(
         f"tcptrace {__version__}: tracing pid(s) "
@@ -144,9 +152,21 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
             f"threshold {options.threshold_s:g}s; Ctrl-C to stop and write the report"
         )
         symbolizer = StackSymbolizer(cap.stack_addresses, cap.symbolize)
-        ledger = Ledger(clock, symbolizer)
+        closed: list[Connection] = []  # closed by the ledger, not yet in the history
+        ledger = Ledger(clock, symbolizer, on_closed=closed.append)
+        history = ConnectionHistory(out_dir)
+
+        def consume() -> None:
+            _consume(cap.drain_raw(), ledger, history)
+            if len(closed) >= 10_000:
+                history.append(connections_frame(closed, time.time()))
+                closed.clear()
+
+        timeline = TimelineRecorder()
         # After attach, so nothing is born unseen between snapshot and probes.
         ledger.add_preexisting(snapshot.preexisting_connections(options.pids, time.time()))
+        # First timeline sample before the workload can move: growth counts from attach.
+        timeline.sample(time.time(), ledger.open_sockets(), options.threshold_s)
         if options.on_attached is not None:
             options.on_attached()
 
@@ -154,10 +174,11 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         next_scan = next_summary = next_pre = time.monotonic()
         next_summary += options.summary_interval_s
         next_pre += options.preexisting_interval_s
+        next_sample = time.monotonic() + options.sample_interval_s
         live = set(options.pids)
         while not stop.is_set():
             stop.event.wait(options.poll_interval_s)
-            cap.drain(ledger.apply)
+            consume()
             now_m = time.monotonic()
             if now_m >= next_scan:
                 ledger.reconcile(cap.scan())
@@ -170,6 +191,9 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
             if now_m >= next_pre:
                 _refresh_preexisting(ledger, options.pids)
                 next_pre = now_m + options.preexisting_interval_s
+            if now_m >= next_sample:
+                timeline.sample(time.time(), ledger.open_sockets(), options.threshold_s)
+                next_sample = now_m + options.sample_interval_s
             if deadline is not None and now_m >= deadline:
                 stop.set(f"--duration {options.duration_s:g}s reached")
             if now_m >= next_summary and not options.quiet:
@@ -177,9 +201,9 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
                 say(_summary(ledger, cap.stats(), symbolizer.counters, options.threshold_s))
 
         # Final pass: everything still in the ring buffer and the map.
-        cap.drain(ledger.apply)
+        consume()
         ledger.reconcile(cap.scan())
-        cap.drain(ledger.apply)
+        consume()
         _refresh_preexisting(ledger, options.pids)
         final_stats = cap.stats()
         losses = _losses(ledger, final_stats, symbolizer.counters)
@@ -187,7 +211,9 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
 
     ended_at = time.time()
     opened = ledger.open_sockets()
-    everything = ledger.closed_sockets() + opened
+    timeline.sample(ended_at, opened, options.threshold_s)  # the final sample, at stop
+    fds_end = {str(p): open_fd_count(p) for p in options.pids}
+    everything = closed + opened
     meta = RunMeta(
         tool_version=__version__,
         schema_version=SCHEMA_VERSION,
@@ -205,10 +231,21 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
             "stop_reason": stop.reason,
             "follow_forks": options.follow_forks,
             "rlimit_nofile": limits,
+            "fd_count": {"start": fds_start, "end": fds_end},
+            "sample_interval_s": options.sample_interval_s,
+            "timeline_max_samples": timeline.max_samples,
             "attach_seconds": round(t_attached - started_at, 3),
         },
     )
-    write_report(out_dir, everything, ended_at, options.threshold_s, meta)
+    write_report(
+        out_dir,
+        everything,
+        ended_at,
+        options.threshold_s,
+        meta,
+        timeline=timeline.rows(),
+        history=history,
+    )
     say(f"stopped: {stop.reason}")
     say(
         render_summary(
@@ -222,11 +259,27 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
     return TraceResult(
         output_dir=out_dir,
         open_sockets=tuple(opened),
-        connections_seen=len(everything),
+        connections_seen=history.rows or len(everything),
         losses=losses,
         probe_set=probe_set,
         stop_reason=stop.reason,
     )
+
+
+def _consume(raw: bytes, ledger: Ledger, history: ConnectionHistory) -> None:
+    """Apply records in their order: deaths in bulk runs, the rare others one by one."""
+    if not raw:
+        return
+    records = np.frombuffer(raw, dtype=RECORD_DTYPE)
+    others = np.flatnonzero(records["kind"] != RecordKind.DEATH).tolist()
+    start = 0
+    for index in [*others, len(records)]:
+        if index > start:
+            history.append(ledger.apply_deaths(records[start:index]))
+        if index < len(records):
+            raw_record = RawSocketRecord.from_buffer_copy(records[index].tobytes())
+            ledger.apply(SocketRecord.from_raw(raw_record))
+        start = index + 1
 
 
 def _refresh_preexisting(ledger: Ledger, pids: tuple[int, ...]) -> None:
@@ -250,6 +303,7 @@ def _activity(kernel: Mapping[str, int], ledger: Ledger) -> dict[str, int]:
     counts = {f"kernel_{k}": v for k, v in kernel.items() if k in activity}
     counts["connections_closed"] = ledger.closed_count
     counts["connections_open_at_end"] = len(ledger.open_sockets())
+    counts.update(ledger.activity)
     return counts
 
 

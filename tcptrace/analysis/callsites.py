@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -206,6 +206,16 @@ def _estimate(
     return RlimitEstimate(pid, limit, in_use, lower_bound, growth, seconds)
 
 
+@dataclass
+class _Acc:
+    pids: set[int] = field(default_factory=set)
+    comms: set[str] = field(default_factory=set)
+    opened: int = 0
+    preexisting: int = 0
+    closed: int = 0
+    open_rows: list[int] = field(default_factory=list)  # row numbers in open_sockets
+
+
 # -- the analysis -------------------------------------------------------------------------------
 
 
@@ -226,54 +236,47 @@ def analyze(report: Report) -> Analysis:
     timeline = report.timeline
     site_growth = _growth_by(_pivot(timeline, "call_site"))
     pid_growth = _growth_by(_pivot(timeline, "pid"))
+    has_growth = any(g is not None for g in site_growth.values())
     site_pid_growth: dict[tuple[str, int], float | None] = {}
     if not timeline.empty:
-        pairs = timeline.assign(pair=[f"{p}\0{s}" for p, s in zip(timeline["pid"], timeline["call_site"], strict=True)])
+        # One pivot column per (pid, call site): "pid\0site" keeps it a plain string.
+        pairs = timeline.assign(
+            pair=[f"{p}\0{s}" for p, s in zip(timeline["pid"], timeline["call_site"], strict=True)]
+        )
         for pair, growth in _growth_by(_pivot(pairs, "pair")).items():
-            pid_text, site = str(pair).split("\0", 1)
-            site_pid_growth[(site, int(pid_text))] = growth
+            pid_text, call_site = str(pair).split("\0", 1)
+            site_pid_growth[(call_site, int(pid_text))] = growth
 
     # Per site accumulators: connections first (history), then open sockets (the end state).
     seen_comms: dict[int, str] = {}
-    per_site: dict[str, dict[str, Any]] = {}
-
-    def site(key: str) -> dict[str, Any]:
-        entry = per_site.get(key)
-        if entry is None:
-            entry = per_site[key] = {
-                "pids": set(),
-                "comms": set(),
-                "opened": 0,
-                "preexisting": 0,
-                "closed": 0,
-                "open_rows": [],
-            }
-        return entry
-
+    per_site: dict[str, _Acc] = {}
     born = conns["opened_at"].notna().to_numpy(dtype=bool)
     closed = conns["closed_at"].notna().to_numpy(dtype=bool)
-    for i, key in enumerate(conn_keys):
-        entry = site(key)
-        pid = int(conns["pid"].iat[i])
-        comm = str(conns["comm"].iat[i])
-        entry["pids"].add(pid)
-        entry["comms"].add(comm)
-        seen_comms.setdefault(pid, comm)
-        entry["opened" if born[i] else "preexisting"] += 1
-        entry["closed"] += int(closed[i])
-    for i, key in enumerate(open_keys):
-        entry = site(key)
-        entry["pids"].add(open_pids[i])
-        entry["comms"].add(str(opened_df["comm"].iat[i]))
-        seen_comms[open_pids[i]] = str(opened_df["comm"].iat[i])
-        entry["open_rows"].append(i)
-    for key in site_growth:
-        site(str(key))
+    conn_pids = [int(p) for p in conns["pid"].fillna(-1)]
+    for i, (key, comm) in enumerate(zip(conn_keys, conns["comm"].astype(str), strict=True)):
+        acc = per_site.setdefault(key, _Acc())
+        acc.pids.add(conn_pids[i])
+        acc.comms.add(comm)
+        seen_comms.setdefault(conn_pids[i], comm)
+        if born[i]:
+            acc.opened += 1
+        else:
+            acc.preexisting += 1
+        acc.closed += int(closed[i])
+    for i, (key, comm) in enumerate(zip(open_keys, opened_df["comm"].astype(str), strict=True)):
+        acc = per_site.setdefault(key, _Acc())
+        acc.pids.add(open_pids[i])
+        acc.comms.add(comm)
+        seen_comms[open_pids[i]] = comm
+        acc.open_rows.append(i)
     if not timeline.empty:
-        for pid, comm, key in zip(timeline["pid"], timeline["comm"], timeline["call_site"], strict=True):
-            per_site[str(key)]["pids"].add(int(pid))
-            per_site[str(key)]["comms"].add(str(comm))
-            seen_comms.setdefault(int(pid), str(comm))
+        for pid, comm, key in zip(
+            timeline["pid"], timeline["comm"].astype(str), timeline["call_site"], strict=True
+        ):
+            acc = per_site.setdefault(str(key), _Acc())
+            acc.pids.add(int(pid))
+            acc.comms.add(comm)
+            seen_comms.setdefault(int(pid), comm)
 
     ages = opened_df["age_s"].to_numpy(dtype=float, na_value=np.nan)
     lower = _bools(opened_df["age_is_lower_bound"])
@@ -281,8 +284,8 @@ def analyze(report: Report) -> Analysis:
     states = opened_df["state"].astype(object).to_numpy()
 
     sites: list[SiteStats] = []
-    for key, entry in per_site.items():
-        rows: list[int] = entry["open_rows"]
+    for key, acc in per_site.items():
+        rows = acc.open_rows
         flagged_rows = [i for i in rows if flagged_mask[i]]
         oldest_age: float | None = None
         oldest_lower = False
@@ -292,7 +295,7 @@ def analyze(report: Report) -> Analysis:
             oldest_age, oldest_lower = float(ages[oldest]), bool(lower[oldest])
         estimates = [
             _estimate(pid, site_pid_growth.get((key, pid)), limits, fds_end, open_by_pid)
-            for pid in sorted(entry["pids"])
+            for pid in sorted(acc.pids)
         ]
         usable = [e for e in estimates if e is not None]
         frames = frames_of(key)
@@ -301,24 +304,23 @@ def analyze(report: Report) -> Analysis:
                 key=key,
                 label=site_label(key, frames),
                 frames=frames,
-                pids=tuple(sorted(entry["pids"])),
-                comms=tuple(sorted(entry["comms"])),
-                opened=entry["opened"],
-                preexisting=entry["preexisting"],
-                closed=entry["closed"],
+                pids=tuple(sorted(acc.pids)),
+                comms=tuple(sorted(acc.comms)),
+                opened=acc.opened,
+                preexisting=acc.preexisting,
+                closed=acc.closed,
                 still_open=len(rows),
                 flagged=len(flagged_rows),
                 oldest_age_s=oldest_age,
                 oldest_is_lower_bound=oldest_lower,
                 leak_classes=dict(Counter(str(classes[i]) for i in flagged_rows).most_common()),
                 states=dict(Counter(str(states[i]) for i in rows).most_common()),
-                growth_per_min=site_growth.get(key),
+                # A site absent from a usable timeline never had a socket open at a sample.
+                growth_per_min=site_growth.get(key, 0.0 if has_growth else None),
                 rlimit=min(usable, key=lambda e: e.seconds_left) if usable else None,
             )
         )
-    sites.sort(
-        key=lambda s: (-s.flagged, -s.still_open, -(s.growth_per_min or 0.0), s.key)
-    )
+    sites.sort(key=lambda s: (-s.flagged, -s.still_open, -(s.growth_per_min or 0.0), s.key))
 
     pids = sorted(
         {int(p) for p in meta.get("pids", []) if isinstance(p, int)}

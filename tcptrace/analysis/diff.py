@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -146,7 +147,9 @@ def diff_analyses(before: Analysis, after: Analysis) -> ReportDiff:
         deltas.append(SiteDelta(key, label, side_a, side_b, _status(side_a, side_b)))
 
     def flagged(delta: SiteDelta) -> int:
-        return max(delta.before.flagged if delta.before else 0, delta.after.flagged if delta.after else 0)
+        return max(
+            delta.before.flagged if delta.before else 0, delta.after.flagged if delta.after else 0
+        )
 
     deltas.sort(key=lambda d: (_ORDER[d.status], -flagged(d), d.label, d.key))
     return ReportDiff(before, after, tuple(deltas))
@@ -201,11 +204,21 @@ def render_diff_text(diff: ReportDiff, top: int = 0, width: int = 120) -> str:
     if len(shown) < len(diff.sites):
         lines.append(f"... {len(diff.sites) - len(shown)} more sites (use --top 0 for all)")
     lines.append("")
-    lines.append("before " + render_losses(diff.before.losses))
-    lines.append("after  " + render_losses(diff.after.losses))
-    return "\n".join(
-        line if len(line) <= width else line[: width - 3] + "..." for line in lines
-    ) + "\n"
+    lines.append(
+        "status: fixed = flagged before, none after although the site still opened sockets;"
+    )
+    lines.append(
+        "        gone = the site opened nothing after (not exercised, so not proven fixed)"
+    )
+    body = "\n".join(line if len(line) <= width else line[: width - 3] + "..." for line in lines)
+    # Loss counters are wrapped, never clipped: each one must stay readable.
+    losses = [
+        textwrap.fill(
+            f"{name} {render_losses(a.losses)}", width=max(width, 40), subsequent_indent="    "
+        )
+        for name, a in (("before", diff.before), ("after ", diff.after))
+    ]
+    return body + "\n\n" + "\n".join(losses) + "\n"
 
 
 def _side_json(side: SiteSide | None) -> dict[str, Any] | None:
@@ -259,11 +272,15 @@ def diff_frame(diff: ReportDiff) -> pd.DataFrame:
                 row[f"{attribute}_{name}"] = value
         row["key"] = d.key
         rows.append(row)
-    columns = ["status", "site"] + [
-        f"{a}_{n}"
-        for a in ("opened", "still_open", "flagged", "leak_rate")
-        for n in ("before", "after")
-    ] + ["key"]
+    columns = (
+        ["status", "site"]
+        + [
+            f"{a}_{n}"
+            for a in ("opened", "still_open", "flagged", "leak_rate")
+            for n in ("before", "after")
+        ]
+        + ["key"]
+    )
     frame = pd.DataFrame(rows, columns=columns)
     for column in columns[2:-1]:
         frame[column] = frame[column].astype("Float64" if "rate" in column else "Int64")

@@ -84,10 +84,7 @@ def leaked_stacks(report: Report, weight: Weight = "count") -> dict[tuple[str, .
         key = site_key(str(stack), str(status))
         frames = frames_of(key) or (key,)
         path = (_clean_frame(str(comm)), *(_clean_frame(f) for f in frames))
-        if weight == "count":
-            value = 1.0
-        else:
-            value = 0.0 if pd.isna(age) else float(age)
+        value = 1.0 if weight == "count" else 0.0 if pd.isna(age) else float(age)
         stacks[path] = stacks.get(path, 0.0) + value
     return stacks
 
@@ -224,11 +221,15 @@ _PAGE: Final = """<!DOCTYPE html>
     if (node.n.charAt(0) === "[") return "#b0b0b0";
     if (node.depth === 1) return "hsl(210, 45%, 72%)";
     const h = hash(node.n);
-    return "hsl(" + (8 + h % 44) + ", " + (70 + (h >> 8) % 25) + "%, " + (58 + (h >> 16) % 12) + "%)";
+    const hue = 8 + h % 44, saturation = 70 + (h >> 8) % 25, light = 58 + (h >> 16) % 12;
+    return "hsl(" + hue + ", " + saturation + "%, " + light + "%)";
   }
   function fmt(v) { return Number.isInteger(v) ? String(v) : v.toFixed(2); }
   function pct(v) { return (100 * v / DATA.tree.v).toFixed(1) + "%"; }
-  function ancestorOf(a, b) { for (let n = b; n; n = n.parent) if (n === a) return true; return false; }
+  function ancestorOf(a, b) {
+    for (let n = b; n; n = n.parent) if (n === a) return true;
+    return false;
+  }
 
   const measure = document.createElement("canvas").getContext("2d");
   measure.font = "12px monospace";
@@ -278,7 +279,10 @@ _PAGE: Final = """<!DOCTYPE html>
         g.appendChild(text);
       }
       g.addEventListener("mouseover", function () { details.textContent = info; });
-      g.addEventListener("click", function () { zoomed = node === DATA.tree ? null : node; render(); });
+      g.addEventListener("click", function () {
+        zoomed = node === DATA.tree ? null : node;
+        render();
+      });
       svg.appendChild(g);
       const below = underMatch || (isMatch && inFocus);
       if (inFocus) {
@@ -296,7 +300,9 @@ _PAGE: Final = """<!DOCTYPE html>
     }
     draw(DATA.tree, 0, width, focus === DATA.tree, width / DATA.tree.v, false);
     chart.appendChild(svg);
-    matched.textContent = term ? "matched: " + fmt(matchedValue) + " " + unit + " (" + pct(matchedValue) + ")" : "";
+    matched.textContent = term
+      ? "matched: " + fmt(matchedValue) + " " + unit + " (" + pct(matchedValue) + ")"
+      : "";
   }
 
   function find(node, name) {
@@ -306,10 +312,19 @@ _PAGE: Final = """<!DOCTYPE html>
   }
   const params = new URLSearchParams(location.hash.slice(1));
   if (params.get("zoom")) zoomed = find(DATA.tree, params.get("zoom"));
-  if (params.get("search")) { term = params.get("search").toLowerCase(); searchBox.value = params.get("search"); }
+  if (params.get("search")) {
+    term = params.get("search").toLowerCase();
+    searchBox.value = params.get("search");
+  }
 
-  searchBox.addEventListener("input", function () { term = searchBox.value.toLowerCase(); render(); });
-  document.getElementById("reset").addEventListener("click", function () { zoomed = null; render(); });
+  searchBox.addEventListener("input", function () {
+    term = searchBox.value.toLowerCase();
+    render();
+  });
+  document.getElementById("reset").addEventListener("click", function () {
+    zoomed = null;
+    render();
+  });
   window.addEventListener("resize", render);
   render();
 })();

@@ -67,7 +67,9 @@ def _is_address(name: str) -> bool:
     # symbols made of hex letters ("add", "feed") are not mistaken for addresses.
     if name.startswith("0x"):
         return _ADDRESS.fullmatch(name) is not None
-    return len(name) >= 8 and _ADDRESS.fullmatch(name) is not None and any(c.isdigit() for c in name)
+    return (
+        len(name) >= 8 and _ADDRESS.fullmatch(name) is not None and any(c.isdigit() for c in name)
+    )
 
 
 def match_key(key: str) -> str:

@@ -111,7 +111,7 @@ def age_histogram(report: Report) -> Figure:
     present += sorted(set(classes) - set(present))
     ax = fig.add_subplot()
     top = float(ages.max()) if len(ages) else 1.0
-    bins = np.linspace(0.0, max(top, 1e-3) * 1.02, 31)
+    bins = [float(b) for b in np.linspace(0.0, max(top, 1e-3) * 1.02, 31)]
     ax.hist(
         [ages[classes == c] for c in present],
         bins=bins,

@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -132,9 +133,12 @@ def render_text(analysis: Analysis, top: int = 10, width: int = 120) -> str:
         name == "*" for name, _ in analysis.local_ports
     ):
         lines.append("    (* = ephemeral port: remote port of accepted, local port of connected)")
-    lines.append("")
-    lines.append(render_losses(analysis.losses))
-    return "\n".join(_clip(line, width) for line in lines) + "\n"
+    body = "\n".join(_clip(line, width) for line in lines)
+    # Loss counters are wrapped, never clipped: each one must stay readable.
+    losses = textwrap.fill(
+        render_losses(analysis.losses), width=max(width, 40), subsequent_indent="    "
+    )
+    return body + "\n\n" + losses + "\n"
 
 
 def _opt(value: int | None) -> str:
@@ -207,15 +211,11 @@ def to_json_dict(analysis: Analysis, top: int = 0) -> dict[str, Any]:
             "untracked_open": analysis.untracked_open,
         },
         "processes": [dataclasses.asdict(p) for p in analysis.processes],
-        "call_sites": [
-            dataclasses.asdict(s) | {"leak_rate": s.leak_rate} for s in sites
-        ],
+        "call_sites": [dataclasses.asdict(s) | {"leak_rate": s.leak_rate} for s in sites],
         "leaked_remote_endpoints": [
             {"endpoint": e, "count": n} for e, n in limit(analysis.remote_endpoints)
         ],
-        "leaked_local_ports": [
-            {"port": p, "count": n} for p, n in limit(analysis.local_ports)
-        ],
+        "leaked_local_ports": [{"port": p, "count": n} for p, n in limit(analysis.local_ports)],
         "losses": analysis.losses,
         "losses_nonzero": any(v > 0 for v in analysis.losses.values()),
         "losses_collected": bool(analysis.losses),

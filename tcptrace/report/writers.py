@@ -62,6 +62,15 @@ class ReportPaths:
         return tuple(p for p in self.files if p.name.split(".", 1)[0] == table)
 
 
+class StreamedTable(Protocol):
+    """Rows of `connections` already streamed to part files (tcptrace.history)."""
+
+    @property
+    def rows(self) -> int: ...
+
+    def finish(self, last: pd.DataFrame) -> list[Path]: ...
+
+
 class TableWriter(Protocol):
     """One on-disk format for a table. `path` already ends with `suffix`."""
 
@@ -119,11 +128,14 @@ def write_report(
     meta: RunMeta,
     writers: Sequence[TableWriter] = DEFAULT_WRITERS,
     timeline: Sequence[Mapping[str, object]] = (),
+    history: StreamedTable | None = None,
 ) -> ReportPaths:
     """Write open_sockets, connections and timeline through every writer, then meta.json.
 
     `timeline` holds TimelineRecorder.rows(); without it the timeline table is
-    written empty, so every report has the same files.
+    written empty, so every report has the same files. `history`, when given,
+    holds the connections rows streamed during the trace; `connections` rows
+    are appended to it (the sockets still open, and those the ledger closed).
 
     `out_dir` is created if absent; callers should still call
     `prepare_output_dir(out_dir, force)` before tracing so a bad directory fails
@@ -146,13 +158,18 @@ def write_report(
         "timeline": to_frame("timeline", timeline),
     }
     written: list[Path] = []
+    rows = {table: len(frame) for table, frame in frames.items()}
     for table, frame in frames.items():
+        if table == "connections" and history is not None and history.rows:
+            # The history streamed most rows to part files during the trace.
+            written.extend(history.finish(frame))
+            rows[table] = history.rows
+            continue
         for writer in writers:
             path = directory / f"{table}{writer.suffix}"
             writer.write(frame, path, table)
             written.append(path)
 
-    rows = {table: len(frame) for table, frame in frames.items()}
     text = json.dumps(meta_dict(meta, written, rows, now), indent=2, default=str) + "\n"
     write_atomic(meta_path, text.encode("utf-8"))
     return ReportPaths(directory=directory, meta=meta_path, files=tuple(written))

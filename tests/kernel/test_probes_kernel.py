@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,29 +29,27 @@ def _kprobes_configured() -> bool:
     return config.get("CONFIG_KPROBES") == "y"
 
 
-@pytest.mark.parametrize("probe_set", [ProbeSet.KPROBE, ProbeSet.TRACEPOINT])
-def test_probe_set_compiles_and_passes_the_verifier(root: None, probe_set: ProbeSet) -> None:
-    # bcc compiles the set with this kernel's BTF offsets and loads every program
+def test_both_probe_sets_compile_and_pass_the_verifier(root: None) -> None:
+    # bcc compiles each set with this kernel's BTF offsets and loads every program
     # through this kernel's verifier; kprobe programs load as BPF_PROG_TYPE_KPROBE,
     # which needs no CONFIG_KPROBES, so this holds even where none can be attached.
-    started = time.monotonic()
-    loaded = load_without_attaching(CaptureConfig(pids=(), probe_set=probe_set))
-    shared = {
-        "tracepoint__syscalls__sys_enter_connect",
-        "tracepoint__syscalls__sys_enter_listen",
-        "tracepoint__syscalls__sys_enter_close",
-        "tracepoint__syscalls__sys_enter_close_range",
-        "tracepoint__syscalls__sys_exit_accept",
-        "tracepoint__syscalls__sys_exit_accept4",
-        "tracepoint__sched__sched_process_exit",
-        "tracepoint__tcp__tcp_destroy_sock",
-    }
-    if probe_set is ProbeSet.KPROBE:
-        own = {a.program for a in KPROBE_ATTACHMENTS}
-    else:
-        own = {"tracepoint__sock__inet_sock_set_state"}
-    assert set(loaded) == shared | own
-    assert time.monotonic() - started < 300
+    kp = set(load_without_attaching(CaptureConfig(pids=(), probe_set=ProbeSet.KPROBE)))
+    tp = set(load_without_attaching(CaptureConfig(pids=(), probe_set=ProbeSet.TRACEPOINT)))
+    shared = kp & tp
+    # The probes both sets take from common.bpf.h.
+    for needed in (
+        "sys_enter_connect",
+        "sys_enter_listen",
+        "sys_enter_close",
+        "sys_enter_close_range",
+        "sys_exit_accept",
+        "sys_exit_accept4",
+        "sched_process_exit",
+        "tcp_destroy_sock",
+    ):
+        assert any(name.endswith("_" + needed) for name in shared), (needed, shared)
+    assert kp - shared == {a.program for a in KPROBE_ATTACHMENTS}
+    assert [name for name in tp - shared if "inet_sock_set_state" in name], tp - shared
 
 
 def test_follow_forks_and_kernel_stacks_variants_load(root: None) -> None:

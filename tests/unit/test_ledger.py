@@ -145,10 +145,10 @@ def test_exit_closes_every_socket_of_the_process_and_ignores_late_deaths() -> No
     # The kernel destroys the socket after the exit: not a second row.
     ledger.apply(rec(RecordKind.DEATH, sk=0xA, t=6, birth_ns=1 * S, state=TcpState.CLOSE))
     assert len(ledger.closed_sockets()) == 1
-    assert ledger.counters["births_recovered_from_death"] == 0
+    assert ledger.activity["sockets_first_seen_at_death"] == 0
 
 
-def test_lost_birth_is_rebuilt_from_death_and_counted() -> None:
+def test_socket_first_seen_at_its_death_gets_a_full_row() -> None:
     ledger, _, _ = new_ledger()
     ledger.apply(
         rec(
@@ -162,16 +162,16 @@ def test_lost_birth_is_rebuilt_from_death_and_counted() -> None:
     )
     (closed,) = ledger.closed_sockets()
     assert closed.opened_at == 1_000_001.0 and closed.closed_at == 1_000_002.0
-    assert ledger.counters["births_recovered_from_death"] == 1
+    assert ledger.activity["sockets_first_seen_at_death"] == 1
 
 
-def test_scan_recovers_lost_births_and_detects_lost_deaths() -> None:
+def test_scan_finds_unannounced_sockets_and_detects_lost_deaths() -> None:
     ledger, _, _ = new_ledger()
     ledger.apply(rec(RecordKind.BIRTH, sk=0xA, t=1))
-    # 0xB is in the kernel map but its birth record was dropped.
+    # 0xB is in the kernel map; the kernel announced only 0xA (first of its call site).
     ledger.reconcile([rec(RecordKind.SNAPSHOT, sk=0xA, t=1), rec(RecordKind.SNAPSHOT, sk=0xB, t=1)])
     assert {c.key for c in ledger.open_sockets()} == {0xA, 0xB}
-    assert ledger.counters["births_recovered_from_scan"] == 1
+    assert ledger.activity["sockets_first_seen_by_scan"] == 1
     # 0xA vanishes without a death: one missing scan may be a race, two is a loss.
     ledger.reconcile([rec(RecordKind.SNAPSHOT, sk=0xB, t=1)])
     assert {c.key for c in ledger.open_sockets()} == {0xA, 0xB}
@@ -209,12 +209,43 @@ def test_close_range_marks_fds_closed() -> None:
     assert closed == {3: True, 4: True, 9: False}
 
 
-def test_reused_address_closes_the_stale_socket() -> None:
+def test_reused_address_without_a_death_is_a_lost_death_two_scans_later() -> None:
     ledger, _, _ = new_ledger()
     ledger.apply(rec(RecordKind.BIRTH, sk=0xA, t=1))
     ledger.apply(rec(RecordKind.BIRTH, sk=0xA, t=2, fd=9))
     assert [c.fd for c in ledger.open_sockets()] == [9]
+    now = [rec(RecordKind.SNAPSHOT, sk=0xA, t=2, fd=9)]
+    ledger.reconcile(now)
+    ledger.reconcile(now)
+    assert ledger.counters["deaths_lost"] == 0  # may still be in flight
+    ledger.reconcile(now)
     assert ledger.counters["deaths_lost"] == 1
+    (lost,) = ledger.closed_sockets()
+    assert lost.fd == 3 and lost.close_cause is CloseCause.KERNEL
+
+
+def test_death_of_a_previous_incarnation_does_not_close_the_next_one() -> None:
+    """Scan shows the next socket at an address before the last one's death is drained."""
+    ledger, _, _ = new_ledger()
+    ledger.apply(rec(RecordKind.BIRTH, sk=0xA, t=1, direction=Direction.ACCEPT, fd=5))
+    ledger.reconcile([rec(RecordKind.SNAPSHOT, sk=0xA, t=3, fd=7)])  # born at t=3
+    ledger.apply(
+        rec(
+            RecordKind.DEATH,
+            sk=0xA,
+            t=2,
+            birth_ns=1 * S,
+            fd=5,
+            state=TcpState.CLOSE,
+            direction=Direction.ACCEPT,
+            flags=RecordFlag.FD_CLOSED,
+        )
+    )
+    (old,) = ledger.closed_sockets()
+    assert (old.fd, old.direction, old.closed_at) == (5, Direction.ACCEPT, 1_000_002.0)
+    (new,) = ledger.open_sockets()
+    assert (new.fd, new.opened_at) == (7, 1_000_003.0)
+    assert ledger.counters["deaths_lost"] == 0
 
 
 def test_untracked_socket_is_shown_but_never_a_leak() -> None:

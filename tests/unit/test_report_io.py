@@ -134,6 +134,8 @@ def test_write_report_files_modes_and_paths(tmp_path: Path) -> None:
         "meta.json",
         "open_sockets.csv",
         "open_sockets.parquet",
+        "timeline.csv",  # issue 5: written empty when no timeline rows are given
+        "timeline.parquet",
     ]  # and no leftover temp files
     for p in out.iterdir():
         assert stat.S_IMODE(p.stat().st_mode) == 0o600
@@ -209,9 +211,15 @@ def test_meta_json_has_run_meta_and_files(report_dir: Path) -> None:
     assert meta["extra"] == {}
     assert meta["report_time"] == NOW
     assert sorted(meta["files"]) == sorted(
-        f"{t}.{ext}" for t in ("open_sockets", "connections") for ext in ("csv", "parquet")
+        f"{t}.{ext}"
+        for t in ("open_sockets", "connections", "timeline")  # timeline: issue 5
+        for ext in ("csv", "parquet")
     )
-    assert meta["tables"] == {"open_sockets": {"rows": 3}, "connections": {"rows": 4}}
+    assert meta["tables"] == {
+        "open_sockets": {"rows": 3},
+        "connections": {"rows": 4},
+        "timeline": {"rows": 0},  # issue 5
+    }
     assert load_report(report_dir).meta == meta
 
 
