@@ -12,6 +12,7 @@ only of the structs it is asked about; loading vmlinux BTF takes tens of ms.
 
 from __future__ import annotations
 
+import os
 import struct
 from array import array
 from dataclasses import dataclass, fields
@@ -20,7 +21,19 @@ from pathlib import Path
 from tcptrace.errors import BtfError
 
 DEFAULT_BTF_PATH = "/sys/kernel/btf/vmlinux"
-_NO_BTF_HINT = "kernel built without CONFIG_DEBUG_INFO_BTF?"
+# issue 7: test hook. Pointing it at a missing file simulates a kernel built
+# without BTF, which no test machine here is.
+BTF_PATH_ENV = "TCPTRACE_BTF_PATH"
+
+
+def default_btf_path() -> str:
+    """The kernel BTF to read: $TCPTRACE_BTF_PATH when set, else the running kernel's."""
+    return os.environ.get(BTF_PATH_ENV) or DEFAULT_BTF_PATH
+
+_NO_BTF_HINT = (
+    "tcptrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y; "
+    "boot one (most distribution kernels since 2020 are)"
+)
 
 _MAGIC = 0xEB9F
 _HEADER_LEN = 24  # magic, version, flags, hdr_len, type_off/len, str_off/len
@@ -127,8 +140,11 @@ class KernelBtf:
         self._index()
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_BTF_PATH) -> KernelBtf:
-        """Read and index a BTF file; BtfError when it is missing, unreadable or corrupt."""
+    def load(cls, path: str | Path | None = None) -> KernelBtf:
+        """Read and index a BTF file (default: `default_btf_path()`); BtfError when it
+        is missing, unreadable or corrupt."""
+        if path is None:
+            path = default_btf_path()
         try:
             data = Path(path).read_bytes()
         except FileNotFoundError as exc:

@@ -44,8 +44,57 @@ class KernelSupportError(TcptraceError):
 class BtfError(KernelSupportError):
     """BTF missing, unreadable, or lacking a type/member we need."""
 
+    exit_code = 8  # issue 7: told apart from "no probe set" (5): the fix differs
+
 
 class ReportError(TcptraceError):
     """A report directory that cannot be written or read (missing, foreign, bad version)."""
 
     exit_code = 6
+
+
+# --- issue 7: one exit code per kind of mistake, so a script can tell them apart.
+# Subclasses keep the broad classes above catchable (`except TargetError`).
+INTERNAL_ERROR_EXIT = 1  # a bug in tcptrace: one line, traceback saved to a file
+
+
+class KernelThreadTarget(TargetError):
+    """A --pid that is a kernel thread: it owns no sockets."""
+
+    exit_code = 7
+
+
+class OutputDirNotEmpty(UsageError):
+    """--output names a non-empty directory and --force was not given."""
+
+    exit_code = 9
+
+
+class OutputDirFull(ReportError):
+    """The report file system has no space (or quota) left."""
+
+    exit_code = 10
+
+
+class ReportRescued(ReportError):
+    """The report could not go where asked but was written, whole, somewhere else."""
+
+    exit_code = 11
+
+
+# Documented in `tcptrace --help` and the README; a unit test keeps them distinct.
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "the trace ran and the report was written"),
+    (INTERNAL_ERROR_EXIT, "internal error (a bug: the traceback is saved to a file)"),
+    (UsageError.exit_code, "bad option value"),
+    (PermissionProblem.exit_code, "not root and without CAP_BPF + CAP_PERFMON"),
+    (TargetError.exit_code, "no such process (or a thread id)"),
+    (KernelSupportError.exit_code, "no usable probe set on this kernel"),
+    (ReportError.exit_code, "report directory not writable"),
+    (KernelThreadTarget.exit_code, "the pid is a kernel thread"),
+    (BtfError.exit_code, "no usable kernel BTF"),
+    (OutputDirNotEmpty.exit_code, "report directory not empty (use --force)"),
+    (OutputDirFull.exit_code, "no space left for the report"),
+    (ReportRescued.exit_code, "report written to a fallback directory instead"),
+)
+# --- end issue 7

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from tcptrace.errors import ReportError, UsageError
+from tcptrace.errors import OutputDirFull, OutputDirNotEmpty, ReportError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,18 @@ def _give_to_invoking_user(path: Path | str, fd: int | None = None) -> None:
 
 def _write_error(exc: OSError, path: Path) -> ReportError:
     """One-line ReportError for an OSError met while writing `path`."""
+    # issue 7: every message says what to do, and a full disk has its own exit code.
+    elsewhere = "free some space there or choose another --output"
     if exc.errno == errno.ENOSPC:
-        return ReportError(f"no space left on device while writing {path}")
+        return OutputDirFull(f"no space left on device while writing {path}", elsewhere)
     if exc.errno == errno.EDQUOT:
-        return ReportError(f"disk quota exceeded while writing {path}")
+        return OutputDirFull(f"disk quota exceeded while writing {path}", elsewhere)
+    other = "choose another --output"
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return ReportError(f"permission denied writing {path}")
+        return ReportError(f"permission denied writing {path}", other)
     if exc.errno == errno.EROFS:
-        return ReportError(f"cannot write {path}: read-only file system")
-    return ReportError(f"cannot write {path}: {exc.strerror or exc}")
+        return ReportError(f"cannot write {path}: read-only file system", other)
+    return ReportError(f"cannot write {path}: {exc.strerror or exc}", other)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -131,7 +134,9 @@ def prepare_output_dir(path: Path | str, force: bool) -> Path:
     """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
-        raise UsageError(f"report path {path} exists and is not a directory")
+        raise UsageError(
+            f"report path {path} exists and is not a directory", "choose another --output"
+        )
 
     if path.is_dir():
         try:
@@ -141,7 +146,7 @@ def prepare_output_dir(path: Path | str, force: bool) -> Path:
                 f"cannot read report directory {path}: {exc.strerror or exc}"
             ) from exc
         if non_empty and not force:
-            raise UsageError(
+            raise OutputDirNotEmpty(
                 f"report directory {path} is not empty",
                 hint="pass --force to write into it, replacing any previous report",
             )
@@ -151,11 +156,54 @@ def prepare_output_dir(path: Path | str, force: bool) -> Path:
             path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         except OSError as exc:
             raise ReportError(
-                f"cannot create report directory {path}: {exc.strerror or exc}"
+                f"cannot create report directory {path}: {exc.strerror or exc}",
+                "choose another --output",
             ) from exc
         for created in reversed(missing):
             _give_to_invoking_user(created)
 
     if not os.access(path, os.W_OK | os.X_OK):
-        raise ReportError(f"report directory {path} is not writable")
+        raise ReportError(
+            f"report directory {path} is not writable", "choose another --output"
+        )
     return path
+
+
+# --- issue 7: find out at start, not after an hour of tracing, that a report cannot land.
+PROBE_BYTES = 64 * 1024
+
+
+def probe_writable(directory: Path | str) -> None:
+    """Write, fsync and delete a scratch file in `directory`; raise what a report would meet.
+
+    os.access() cannot see a full file system (and root passes every permission
+    check): only a real write can. 64 KiB, because a file system with a few
+    blocks left accepts a tiny file and then fails the report.
+    """
+    directory = Path(directory)
+    try:
+        fd, name = tempfile.mkstemp(prefix=".tcptrace-probe.", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(b"\0" * PROBE_BYTES)
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            Path(name).unlink(missing_ok=True)
+    except OSError as exc:
+        elsewhere = "choose another --output"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputDirFull(
+                f"no space left for the report in {directory}",
+                "free some space there or " + elsewhere,
+            ) from exc
+        if exc.errno == errno.EROFS:
+            raise ReportError(
+                f"report directory {directory} is on a read-only file system", elsewhere
+            ) from exc
+        raise ReportError(
+            f"report directory {directory} is not writable: {exc.strerror or exc}", elsewhere
+        ) from exc
+
+
+# --- end issue 7

@@ -101,8 +101,15 @@ def death_rows(
 
     opened = to_epoch(deaths["birth_ns"])
     closed = to_epoch(deaths["ts_ns"])
-    comm_bytes = np.ascontiguousarray(deaths["comm"]).view("S16").ravel()
-    comm = np.char.decode(comm_bytes, "utf-8", "replace").astype(object)
+    comm_bytes = np.ascontiguousarray(deaths["comm"]).view("S16").ravel().tolist()
+    names: dict[bytes, str] = {}
+    comm = np.empty(n, dtype=object)
+    for i, b in enumerate(comm_bytes):
+        name = names.get(b)
+        if name is None:
+            # A C string: up to the first NUL, whatever follows it.
+            name = names[b] = b.split(b"\0", 1)[0].decode("utf-8", "replace")
+        comm[i] = name
     columns: dict[str, Any] = {
         "pid": tgid,
         "tid": deaths["tid"].astype(np.int64),

@@ -10,7 +10,12 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from tcptrace.errors import KernelSupportError, PermissionProblem, TargetError
+from tcptrace.errors import (
+    KernelSupportError,
+    KernelThreadTarget,
+    PermissionProblem,
+    TargetError,
+)
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BTF_PATH = "/sys/kernel/btf/vmlinux"
@@ -39,7 +44,9 @@ def kprobes_available() -> bool:
 
 
 def btf_present() -> bool:
-    return os.path.isfile(BTF_PATH)
+    from tcptrace.btf import default_btf_path  # issue 7: honours TCPTRACE_BTF_PATH
+
+    return os.path.isfile(default_btf_path())
 
 
 def kernel_release() -> str:
@@ -96,6 +103,8 @@ class ProcessInfo:
     pid: int
     comm: str
     is_kernel_thread: bool
+    # issue 7: clock ticks after boot (stat field 22); a reused pid has another.
+    start_time: int | None = None
 
 
 def process_info(pid: int) -> ProcessInfo:
@@ -118,7 +127,12 @@ def process_info(pid: int) -> ProcessInfo:
         raise TargetError(
             f"pid {pid} is a thread of process {tgid}", f"trace the process: --pid {tgid}"
         )
-    return ProcessInfo(pid=pid, comm=comm, is_kernel_thread=bool(flags & PF_KTHREAD))
+    return ProcessInfo(
+        pid=pid,
+        comm=comm,
+        is_kernel_thread=bool(flags & PF_KTHREAD),
+        start_time=int(fields[19]),
+    )
 
 
 def _status_field(base: Path, name: str) -> int | None:
@@ -136,7 +150,7 @@ def validate_targets(pids: tuple[int, ...]) -> list[ProcessInfo]:
     for pid in pids:
         info = process_info(pid)
         if info.is_kernel_thread:
-            raise TargetError(
+            raise KernelThreadTarget(
                 f"pid {pid} ({info.comm}) is a kernel thread: it holds no sockets of its own",
                 "give the pid of a user-space process",
             )
@@ -172,7 +186,59 @@ def open_fd_count(pid: int) -> int | None:
         return sum(1 for _ in os.scandir(f"/proc/{pid}/fd"))
     except OSError:
         return None
+
+
 # --- end issue 5
+
+
+# --- issue 7: a pid is a process only together with its start time.
+def process_start_time(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks after boot, None if it is gone or a zombie.
+
+    Pids are recycled: a process that exits may hand its pid to a new one within
+    milliseconds on a busy host, so "pid exists" is not "my target lives".
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm may hold spaces and parentheses: split after its last ")".
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+class ProcessWatch:
+    """Which traced pids still hold the process they named when first seen.
+
+    The start time is remembered at the first look (for --pid targets: at
+    validation, before attach); a later look that finds another start time
+    means the pid was reused, and the new process is not the target.
+    """
+
+    def __init__(self, known: dict[int, int | None] | None = None) -> None:
+        self._start: dict[int, int] = {p: t for p, t in (known or {}).items() if t is not None}
+        self._gone: set[int] = set()
+
+    def alive(self, pid: int) -> bool:
+        if pid in self._gone:
+            return False  # once gone, a later process with this pid is someone else
+        now = process_start_time(pid)
+        first = self._start.setdefault(pid, now) if now is not None else None
+        if now is None or first != now:
+            self._gone.add(pid)
+            return False
+        return True
+
+    def reused(self, pid: int) -> bool:
+        """True when `pid` exists now but is not the process first seen under it."""
+        first = self._start.get(pid)
+        now = process_start_time(pid)
+        return first is not None and now is not None and now != first
+
+
+# --- end issue 7
 
 
 # Kernel functions the kprobe set attaches to (bpf/kprobes.bpf.c; the attach table
@@ -188,7 +254,7 @@ KALLSYMS = "/proc/kallsyms"
 KPROBE_BLACKLIST = "/sys/kernel/debug/kprobes/blacklist"
 
 
-def kernel_text_symbols(path: str = KALLSYMS) -> set[str] | None:
+def kernel_text_symbols(path: str | None = None) -> set[str] | None:
     """Names of the core kernel's functions, or None when kallsyms is unreadable.
 
     A function the compiler inlined everywhere, or only kept as a renamed clone
@@ -196,7 +262,7 @@ def kernel_text_symbols(path: str = KALLSYMS) -> set[str] | None:
     """
     names: set[str] = set()
     try:
-        with open(path, "rb") as f:
+        with open(path or KALLSYMS, "rb") as f:
             for line in f:
                 parts = line.split()
                 # "addr type name" for the core kernel; modules add "[module]".
@@ -207,10 +273,10 @@ def kernel_text_symbols(path: str = KALLSYMS) -> set[str] | None:
     return names
 
 
-def kprobe_blacklist(path: str = KPROBE_BLACKLIST) -> set[str]:
+def kprobe_blacklist(path: str | None = None) -> set[str]:
     """Functions the kernel refuses to kprobe (debugfs; empty when unreadable)."""
     try:
-        with open(path) as f:
+        with open(path or KPROBE_BLACKLIST) as f:
             return {line.split()[-1] for line in f if line.strip()}
     except OSError:
         return set()

@@ -147,6 +147,7 @@ def test_prepare_permission_errors_are_report_errors(
     assert (
         str(info.value)
         == f"cannot create report directory {tmp_path / 'report'}: Permission denied"
+        " (choose another --output)"  # issue 7: every error names its fix
     )
     monkeypatch.undo()
 
