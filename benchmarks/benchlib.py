@@ -90,6 +90,18 @@ def run_order(variants: Sequence[str], run_index: int) -> list[str]:
     return [*variants[k:], *variants[:k]]
 
 
+def split_sockets(total: int, per_process: int) -> list[int]:
+    """Split `total` held sockets into as few even shares of at most `per_process`
+    as possible, as equal as possible (each connection is two sockets)."""
+    if total < 2 or per_process < 2:
+        raise ValueError("need at least 2 sockets per process and in total")
+    pairs = total // 2
+    per = per_process // 2
+    n = -(-pairs // per)  # ceil
+    base, extra = divmod(pairs, n)
+    return [2 * (base + (1 if i < extra else 0)) for i in range(n)]
+
+
 # -- statistics ----------------------------------------------------------------
 
 
@@ -231,7 +243,7 @@ def nonzero(counters: Mapping[str, int]) -> dict[str, int]:
 
 
 def losses_text(counters: Mapping[str, int] | None) -> str:
-    """"0", or the nonzero counters, "events_dropped=3 deaths_lost=1"."""
+    """ "0", or the nonzero counters, "events_dropped=3 deaths_lost=1"."""
     if counters is None:
         return "n/a"
     nz = nonzero(counters)
@@ -269,9 +281,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
             out.append(cell.rjust(widths[i]) if numeric[i] else cell.ljust(widths[i]))
         return "| " + " | ".join(out) + " |"
 
-    sep = "|" + "|".join(
-        ("-" * (w + 1) + ":") if numeric[i] else ("-" * (w + 2)) for i, w in enumerate(widths)
-    ) + "|"
+    sep = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if numeric[i] else ("-" * (w + 2)) for i, w in enumerate(widths)
+        )
+        + "|"
+    )
     return "\n".join([line(headers), sep, *(line(r) for r in rows)])
 
 
@@ -303,9 +319,7 @@ def summarize_overhead(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
         base_runs = base.get(rate, {})
         base_med = median(base_runs.values())
         paired = [
-            float(r["rate"]) / base_runs[int(r["run"])]
-            for r in ok
-            if base_runs.get(int(r["run"]))
+            float(r["rate"]) / base_runs[int(r["run"])] for r in ok if base_runs.get(int(r["run"]))
         ]
         summary: dict[str, Any] = {
             "rate_target": rate,
@@ -328,8 +342,10 @@ def summarize_overhead(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
             summary[f"tool_{key}"] = median(t.get(key) for t in tools)
         loss_keys = sorted({k for t in tools for k in (t.get("losses") or {})})
         summary["tool_losses"] = (
-            {k: int(median((t.get("losses") or {}).get(k, 0) for t in tools) or 0)
-             for k in loss_keys}
+            {
+                k: int(median((t.get("losses") or {}).get(k, 0) for t in tools) or 0)
+                for k in loss_keys
+            }
             if loss_keys
             else None
         )

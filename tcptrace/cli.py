@@ -2,23 +2,99 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
-from collections.abc import Callable
+import tempfile
+import threading
+import traceback
+from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from types import FrameType
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from tcptrace import __version__
-from tcptrace.errors import TcptraceError, UsageError
+from tcptrace.errors import (
+    EXIT_CODES,
+    INTERNAL_ERROR_EXIT,
+    ReportRescued,
+    TcptraceError,
+    UsageError,
+)
+from tcptrace.startup import SignalLatch
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _fail(exc: TcptraceError) -> None:
+def _fail(exc: TcptraceError) -> NoReturn:
     click.echo(f"tcptrace: error: {exc}", err=True)
     sys.exit(exc.exit_code)
+
+
+# --- issue 7: one line for every error, never a traceback.
+DEBUG_ENV = "TCPTRACE_DEBUG"  # set to 1 to see Python tracebacks of internal errors
+
+
+def _internal_error(exc: BaseException) -> NoReturn:
+    """A bug: one line for the user, the traceback in a private file for the report."""
+    text = "".join(traceback.format_exception(exc))
+    where = ""
+    try:
+        fd, name = tempfile.mkstemp(prefix="tcptrace-crash-", suffix=".txt")  # mode 0600
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        where = f"; details in {name}"
+    except OSError:
+        pass
+    first = (str(exc).strip().splitlines() or [""])[0]
+    click.echo(
+        f"tcptrace: internal error: {type(exc).__name__}: {first}{where}"
+        " (please report it; rerun with TCPTRACE_DEBUG=1 to see the traceback)",
+        err=True,
+    )
+    sys.exit(INTERNAL_ERROR_EXIT)
+
+
+class _Terminated(Exception):
+    """SIGTERM before a command installed its own handling (turned into exit 143)."""
+
+
+def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
+    raise _Terminated
+
+
+class OneLineErrors(click.Group):
+    """click's own errors (bad option values, unknown options) as one line on stderr.
+
+    click prints usage, a "Try --help" line and the error on three lines; a
+    script reading stderr, and a person, both want the one line that names the
+    problem and the fix. Exit codes stay click's (2 for a bad option value).
+    """
+
+    def main(self, *args: Any, **kwargs: Any) -> NoReturn:
+        kwargs["standalone_mode"] = False
+        in_main = threading.current_thread() is threading.main_thread()
+        old_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.ClickException as exc:
+            message = exc.format_message().rstrip(".")
+            hint = " (see `tcptrace --help`)" if isinstance(exc, click.UsageError) else ""
+            click.echo(f"tcptrace: error: {message[:1].lower()}{message[1:]}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("tcptrace: interrupted before tracing started; no report written", err=True)
+            sys.exit(130)
+        except _Terminated:
+            click.echo("tcptrace: terminated before tracing started; no report written", err=True)
+            sys.exit(143)
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def mapped_errors(func: F) -> F:
@@ -31,8 +107,26 @@ def mapped_errors(func: F) -> F:
         except KeyboardInterrupt:
             click.echo("tcptrace: interrupted", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, _Terminated):
+            raise  # OneLineErrors prints these
+        except Exception as exc:
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            _internal_error(exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _power_of_two(_ctx: Any, _param: Any, value: int | None) -> int | None:
+    if value is not None and (value < 1 or value & (value - 1)):
+        raise click.BadParameter(f"{value} is not a power of two (1, 2, 4, ...)")
+    return value
+
+
+_EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(
+    f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES
+)
+# --- end issue 7
 
 
 def _duration(
@@ -51,7 +145,12 @@ def _duration(
     return convert
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=OneLineErrors,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=_EXIT_CODE_HELP,
+)
 @click.option("--pid", "pids", type=int, multiple=True, help="Process to trace (repeatable).")
 @click.option(
     "--threshold",
@@ -88,6 +187,16 @@ def _duration(
     help="How often to print the summary while tracing. Default 10s.",
 )
 @click.option("--kernel-stacks", is_flag=True, help="Also capture kernel stacks at birth.")
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Show a live screen of open sockets per call site;"
+    " q or Ctrl-C stops and writes the report.",
+)
+# Hidden: shrink the kernel maps to provoke and test overload handling (issue 7).
+@click.option("--max-sockets", type=click.IntRange(min=1), default=None, hidden=True)
+@click.option("--max-stacks", type=click.IntRange(min=1), default=None, hidden=True)
+@click.option("--ringbuf-pages", type=int, default=None, callback=_power_of_two, hidden=True)
 @click.version_option(__version__, prog_name="tcptrace")
 @click.pass_context
 @mapped_errors
@@ -102,6 +211,10 @@ def main(
     follow_forks: bool,
     interval: float,
     kernel_stacks: bool,
+    live: bool,
+    max_sockets: int | None,
+    max_stacks: int | None,
+    ringbuf_pages: int | None,
 ) -> None:
     """Find the code that opened TCP sockets a process never closed.
 
@@ -113,25 +226,102 @@ def main(
     """
     if ctx.invoked_subcommand is not None:
         return
-    if not pids:
-        click.echo(ctx.get_help())
-        raise UsageError("give at least one --pid (or a command such as `tcptrace demo`)")
-    from tcptrace.tracer import TraceOptions, default_output_dir, run_trace
-
-    run_trace(
-        TraceOptions(
+    # issue 7: from here on a SIGINT/SIGTERM is a request to stop and write the
+    # report, even while the tracer's heavy imports below still run.
+    latch = SignalLatch().install()
+    try:
+        if not pids:
+            click.echo(ctx.get_help())
+            raise UsageError("give at least one --pid (or a command such as `tcptrace demo`)")
+        if live and not sys.stdout.isatty():
+            raise UsageError(
+                "--live needs a terminal on stdout", "run it in a terminal, or drop --live"
+            )
+        _trace(
+            latch,
             pids=pids,
-            output_dir=output or default_output_dir(),
-            threshold_s=threshold,
-            duration_s=duration,
+            threshold=threshold,
+            duration=duration,
+            output=output,
+            force=force,
             probes=probes,
             follow_forks=follow_forks,
-            summary_interval_s=interval,
+            interval=interval,
             kernel_stacks=kernel_stacks,
-            force=force,
-        ),
-        out=sys.stdout,
+            live=live,
+            limits={
+                "max_sockets": max_sockets,
+                "max_stacks": max_stacks,
+                "ringbuf_pages": ringbuf_pages,
+            },
+        )
+    finally:
+        latch.restore()
+
+
+def _trace(
+    latch: SignalLatch,
+    *,
+    pids: Sequence[int],
+    threshold: float,
+    duration: float | None,
+    output: Path | None,
+    force: bool,
+    probes: str,
+    follow_forks: bool,
+    interval: float,
+    kernel_stacks: bool,
+    live: bool,
+    limits: dict[str, int | None],
+) -> None:
+    import io
+    import math
+
+    from tcptrace.tracer import StopFlag, TraceOptions, default_output_dir, run_trace
+
+    stop = StopFlag()
+    latch.forward_to(stop.set)
+    requested = output or default_output_dir()
+    view: Any = None
+    out: Any = sys.stdout
+    if live:
+        from tcptrace.live import LiveView
+
+        view = LiveView(stop.set, stop.is_set, "pids " + " ".join(str(p) for p in pids))
+        out = io.StringIO()  # shown after the live screen is gone
+    options = TraceOptions(
+        pids=tuple(pids),
+        output_dir=requested,
+        threshold_s=threshold,
+        duration_s=duration,
+        probes=probes,
+        follow_forks=follow_forks,
+        # The live screen replaces the periodic summary.
+        summary_interval_s=math.inf if live else interval,
+        kernel_stacks=kernel_stacks,
+        force=force,
+        on_tick=view.tick if view is not None else None,
+        max_sockets=limits["max_sockets"],
+        max_stacks=limits["max_stacks"],
+        ringbuf_pages=limits["ringbuf_pages"],
     )
+    try:
+        if view is not None:
+            with view:
+                result = run_trace(options, out=out, stop=stop)
+        else:
+            result = run_trace(options, out=out, stop=stop)
+    finally:
+        if out is not sys.stdout:
+            sys.stdout.write(out.getvalue())
+            sys.stdout.flush()
+    wanted = Path(requested).expanduser().resolve()
+    if Path(result.output_dir).resolve() != wanted:
+        raise ReportRescued(
+            f"the report could not be written to {wanted}; it was written whole to"
+            f" {result.output_dir} instead",
+            "move it where you need it",
+        )
 
 
 @main.command()

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
-
 # Runs in the child: wait for the gate byte, then become the program. EOF on
 # the gate means the tracer died before attaching: do not run untraced.
 _TRAMPOLINE = (

@@ -8,9 +8,11 @@ map in batches.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -18,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
@@ -33,19 +35,27 @@ from tcptrace.report import (
     TimelineRecorder,
     render_summary,
     summarize_call_sites,
-    write_report,
 )
 from tcptrace.report.schema import connections_frame
+from tcptrace.rescue import write_report_or_rescue  # issue 7: report rescue
 from tcptrace.sockets import Connection
+from tcptrace.startup import (  # issue 7: checks, interruptible compile, targets
+    NotAttached,
+    Progress,
+    fd_counts,
+    preflight,
+    surviving_targets,
+)
 from tcptrace.system import (
-    choose_probe_set,
     is_alive,
     kernel_release,
     nofile_limit,
     open_fd_count,
-    require_privileges,
-    validate_targets,
 )
+from tcptrace.tick import TraceTick
+
+if TYPE_CHECKING:
+    from tcptrace.probes import CaptureConfig
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,12 @@ class TraceOptions:
     quiet: bool = False
     # Test hook: called once the probes are attached (before the loop).
     on_attached: Callable[[], None] | None = field(default=None, compare=False)
+    # issue 7: called once per scan (live view); kernel map sizes (None: defaults),
+    # shrunk by tests to provoke overload.
+    on_tick: Callable[[TraceTick], None] | None = field(default=None, compare=False)
+    max_sockets: int | None = None
+    max_stacks: int | None = None
+    ringbuf_pages: int | None = None
 
 
 @dataclass(frozen=True)
@@ -114,8 +130,7 @@ def _signals_stop(flag: StopFlag) -> Iterator[None]:
 def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) -> TraceResult:
     # Import here: the capture module needs bcc, and `tcptrace report` must not.
     from tcptrace import snapshot
-    from tcptrace.fileio import prepare_output_dir
-    from tcptrace.probes import Capture, CaptureConfig, ProbeSet
+    from tcptrace.probes import CaptureConfig, ProbeSet
     from tcptrace.stacks import StackSymbolizer
 
     stop = stop or StopFlag()
@@ -124,10 +139,9 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         if not options.quiet:
             print(message, file=out, flush=True)
 
-    require_privileges()
-    infos = validate_targets(options.pids)
-    probe_set, why = choose_probe_set(options.probes)
-    out_dir = prepare_output_dir(options.output_dir, options.force)
+    # issue 7: every check in order, each its own exit code; BTF read once, here.
+    pre = preflight(options)
+    infos, probe_set, why, out_dir = pre.infos, pre.probe_set, pre.why, pre.out_dir
     limits = {str(p): nofile_limit(p) for p in options.pids}
     fds_start = {str(p): open_fd_count(p) for p in options.pids}
 
@@ -136,7 +150,6 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         + ", ".join(f"{i.pid} ({i.comm})" for i in infos)
         + f"; probe set {probe_set} ({why})"
     )
-    say("compiling and loading BPF programs...")
     started_at = time.time()
     clock = MonotonicClock()
     config = CaptureConfig(
@@ -145,12 +158,17 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         follow_forks=options.follow_forks,
         kernel_stacks=options.kernel_stacks,
     )
-    with _signals_stop(stop), Capture(config) as cap:
+    config = _with_map_sizes(config, options)  # issue 7
+    progress = Progress(enabled=not options.quiet)  # issue 7: compile progress on stderr
+    with _signals_stop(stop), pre.start_capture(config, stop, progress) as cap:
         t_attached = time.time()
-        say(
-            f"probes attached in {t_attached - started_at:.2f}s; "
-            f"threshold {options.threshold_s:g}s; Ctrl-C to stop and write the report"
-        )
+        if isinstance(cap, NotAttached):  # issue 7: stopped during start-up
+            say(f"stopped before the probes were attached ({stop.reason})")
+        else:
+            say(
+                f"probes attached in {t_attached - started_at:.2f}s; "
+                f"threshold {options.threshold_s:g}s; Ctrl-C to stop and write the report"
+            )
         symbolizer = StackSymbolizer(cap.stack_addresses, cap.symbolize)
         closed: list[Connection] = []  # closed by the ledger, not yet in the history
         ledger = Ledger(clock, symbolizer, on_closed=closed.append)
@@ -183,13 +201,25 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
             if now_m >= next_scan:
                 ledger.reconcile(cap.scan())
                 next_scan = now_m + options.scan_interval_s
-                live = {p for p in live | ledger.pids() if is_alive(p)}
+                # issue 7: by start time, so a reused pid is not a live target
+                live = surviving_targets(live | ledger.pids(), pre.watch, ledger)
                 for pid in list(ledger.exited()):
                     cap.remove_target(pid)
                 if not live:
                     stop.set("all traced processes exited")
+                if options.on_tick is not None:  # issue 7: live view
+                    losses_now = _losses(ledger, cap.stats(), symbolizer.counters)
+                    options.on_tick(
+                        TraceTick(
+                            time.time(),
+                            ledger.open_sockets(),
+                            losses_now,
+                            options.threshold_s,
+                            tuple(sorted(live)),
+                        )
+                    )
             if now_m >= next_pre:
-                _refresh_preexisting(ledger, options.pids)
+                _refresh_preexisting(ledger, options.pids, pre.watch.alive)
                 next_pre = now_m + options.preexisting_interval_s
             if now_m >= next_sample:
                 timeline.sample(time.time(), ledger.open_sockets(), options.threshold_s)
@@ -204,7 +234,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         consume()
         ledger.reconcile(cap.scan())
         consume()
-        _refresh_preexisting(ledger, options.pids)
+        _refresh_preexisting(ledger, options.pids, pre.watch.alive)
         final_stats = cap.stats()
         losses = _losses(ledger, final_stats, symbolizer.counters)
         activity = _activity(final_stats, ledger)
@@ -212,7 +242,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
     ended_at = time.time()
     opened = ledger.open_sockets()
     timeline.sample(ended_at, opened, options.threshold_s)  # the final sample, at stop
-    fds_end = {str(p): open_fd_count(p) for p in options.pids}
+    fds_end = fd_counts(options.pids, pre.watch)  # issue 7: a reused pid's fds are not ours
     everything = closed + opened
     meta = RunMeta(
         tool_version=__version__,
@@ -237,15 +267,6 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
             "attach_seconds": round(t_attached - started_at, 3),
         },
     )
-    write_report(
-        out_dir,
-        everything,
-        ended_at,
-        options.threshold_s,
-        meta,
-        timeline=timeline.rows(),
-        history=history,
-    )
     say(f"stopped: {stop.reason}")
     say(
         render_summary(
@@ -255,6 +276,18 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
             options.threshold_s,
         )
     )
+    # issue 7: summary first, so a report that cannot be written anywhere leaves it;
+    # a failed write is retried in a fallback directory (the CLI exits 11 then).
+    out_dir = write_report_or_rescue(
+        out_dir,
+        everything,
+        ended_at,
+        options.threshold_s,
+        meta,
+        timeline=timeline.rows(),
+        history=history,
+        warn=lambda line: print(line, file=sys.stderr, flush=True),
+    ).directory
     say(f"report written to {out_dir}")
     return TraceResult(
         output_dir=out_dir,
@@ -282,10 +315,12 @@ def _consume(raw: bytes, ledger: Ledger, history: ConnectionHistory) -> None:
         start = index + 1
 
 
-def _refresh_preexisting(ledger: Ledger, pids: tuple[int, ...]) -> None:
+def _refresh_preexisting(
+    ledger: Ledger, pids: tuple[int, ...], is_target: Callable[[int], bool] = is_alive
+) -> None:
     from tcptrace import snapshot
 
-    alive = tuple(p for p in pids if is_alive(p))
+    alive = tuple(p for p in pids if is_target(p))
     now = time.time()
     current = snapshot.preexisting_connections(alive, now, missing_ok=True)
     ledger.refresh_preexisting(current, now)
@@ -317,6 +352,17 @@ def _summary(
         now,
         threshold_s,
     )
+
+
+def _with_map_sizes(config: CaptureConfig, options: TraceOptions) -> CaptureConfig:
+    """issue 7: TraceOptions' map sizes (tests shrink them to provoke overload)."""
+    if options.max_sockets is not None:
+        config = dataclasses.replace(config, max_sockets=options.max_sockets)
+    if options.max_stacks is not None:
+        config = dataclasses.replace(config, max_stacks=options.max_stacks)
+    if options.ringbuf_pages is not None:
+        config = dataclasses.replace(config, ringbuf_pages=options.ringbuf_pages)
+    return config
 
 
 def default_output_dir() -> Path:

@@ -224,6 +224,8 @@ _PAGE: Final = """<!DOCTYPE html>
     const hue = 8 + h % 44, saturation = 70 + (h >> 8) % 25, light = 58 + (h >> 16) % 12;
     return "hsl(" + hue + ", " + saturation + "%, " + light + "%)";
   }
+  // Drawn labels show "f (file.go:12)"; the tooltip keeps the full path.
+  function shortName(n) { return n.replace(/ \\((?:[^()]*\\/)?([^()\\/]*)\\)$/, " ($1)"); }
   function fmt(v) { return Number.isInteger(v) ? String(v) : v.toFixed(2); }
   function pct(v) { return (100 * v / DATA.tree.v).toFixed(1) + "%"; }
   function ancestorOf(a, b) {
@@ -275,7 +277,8 @@ _PAGE: Final = """<!DOCTYPE html>
       if (chars >= 3) {
         const text = document.createElementNS(SVGNS, "text");
         text.setAttribute("x", (x + 3).toFixed(2)); text.setAttribute("y", y + ROW - 5);
-        text.textContent = node.n.length <= chars ? node.n : node.n.slice(0, chars - 2) + "..";
+        const label = shortName(node.n);
+        text.textContent = label.length <= chars ? label : label.slice(0, chars - 2) + "..";
         g.appendChild(text);
       }
       g.addEventListener("mouseover", function () { details.textContent = info; });

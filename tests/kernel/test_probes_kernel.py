@@ -111,7 +111,10 @@ def test_lifecycle_records_match_the_workload(root: None, tmp_path: Path) -> Non
     result = run.results[requested]
     if requested != "auto":
         assert result.probe_set == requested
-    check_truth(report_rows(result), run.truth, result.probe_set)
+    try:
+        check_truth(report_rows(result), run.truth, result.probe_set)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nlosses: {result.losses}\n{run.logs[requested]}") from None
     # Nothing was lost on the way: no drops, no unresolved accept or fd.
     for counter in (
         "events_dropped",

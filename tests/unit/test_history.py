@@ -52,7 +52,8 @@ def to_epoch(ns: np.ndarray) -> np.ndarray:
 
 def test_dtype_mirrors_the_ctypes_record() -> None:
     assert RECORD_DTYPE.itemsize == ctypes.sizeof(RawSocketRecord)
-    for name, _ctype in RawSocketRecord._fields_:
+    for field in RawSocketRecord._fields_:
+        name = field[0]
         assert RECORD_DTYPE.fields is not None
         assert RECORD_DTYPE.fields[name][1] == getattr(RawSocketRecord, name).offset, name
 

@@ -19,8 +19,13 @@ def test_kprobe_and_tracepoint_reports_agree(root: None, tmp_path: Path) -> None
     kp, tp = run.results["kprobe"], run.results["tracepoint"]
     assert (kp.probe_set, tp.probe_set) == ("kprobe", "tracepoint")
     kp_rows, tp_rows = report_rows(kp), report_rows(tp)
-    check_truth(kp_rows, run.truth, "kprobe")
-    check_truth(tp_rows, run.truth, "tracepoint")
+    for rows, result in ((kp_rows, kp), (tp_rows, tp)):
+        try:
+            check_truth(rows, run.truth, result.probe_set)
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}\nlosses: {result.losses}\n{run.logs[result.probe_set]}"
+            ) from None
     assert len(kp_rows) == len(tp_rows) == 8
     for a, b in zip(kp_rows, tp_rows, strict=True):
         differ = {
