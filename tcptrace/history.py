@@ -66,7 +66,7 @@ def _addresses(family: np.ndarray, raw: np.ndarray) -> np.ndarray:
     return out
 
 
-StackLookup = Callable[[int, int], tuple[tuple[str, ...], StackStatus]]
+StackLookup = Callable[[int, int, int], tuple[tuple[str, ...], StackStatus]]
 
 
 def death_rows(
@@ -74,6 +74,7 @@ def death_rows(
     to_epoch: Callable[[np.ndarray], np.ndarray],
     stacks: StackLookup,
     exited: Mapping[int, int],
+    closed_fds: Callable[[int, int, int, int], bool] | None = None,
 ) -> pd.DataFrame:
     """`connections` rows, in schema order and dtypes, for death records of sockets
     the ledger never held open (born and gone between two scans)."""
@@ -83,18 +84,30 @@ def death_rows(
     flags = deaths["flags"].astype(np.int64)
     fd = deaths["fd"].astype(np.int64)
     fd_closed = (flags & RecordFlag.FD_CLOSED) != 0
+    if closed_fds is not None:
+        # close_range() closes fds the kernel side did not mark one by one.
+        for i in np.flatnonzero(~fd_closed).tolist():
+            fd_closed[i] = closed_fds(
+                int(tgid[i]), int(fd[i]), int(deaths["birth_ns"][i]), int(deaths["ts_ns"][i])
+            )
     ts = deaths["ts_ns"].astype(np.int64)
     exit_ns = np.array([exited.get(int(p), -1) for p in tgid.tolist()], dtype=np.int64)
     by_exit = ~fd_closed & (exit_ns >= 0) & (ts >= exit_ns)
     cause = np.where(fd_closed, "app", np.where(by_exit, "exit", "kernel")).astype(object)
 
-    sites: dict[tuple[int, int], tuple[str, str]] = {}
+    sites: dict[tuple[int, int, int], tuple[str, str]] = {}
     stack_col = np.empty(n, dtype=object)
     status_col = np.empty(n, dtype=object)
-    for i, key in enumerate(zip(tgid.tolist(), deaths["user_stack_id"].tolist(), strict=True)):
+    keys = zip(
+        tgid.tolist(),
+        deaths["user_stack_id"].tolist(),
+        deaths["kernel_stack_id"].tolist(),
+        strict=True,
+    )
+    for i, key in enumerate(keys):
         site = sites.get(key)
         if site is None:
-            frames, status = stacks(key[0], key[1])
+            frames, status = stacks(*key)
             site = (";".join(frames), status.value)
             sites[key] = site
         stack_col[i], status_col[i] = site

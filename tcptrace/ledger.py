@@ -29,7 +29,9 @@ from tcptrace.sockets import CloseCause, Connection, StackStatus
 
 
 class StackResolver(Protocol):
-    def resolve(self, tgid: int, stack_id: int) -> tuple[tuple[str, ...], StackStatus]: ...
+    def resolve(
+        self, tgid: int, stack_id: int, kernel_stack_id: int = -1
+    ) -> tuple[tuple[str, ...], StackStatus]: ...
 
 
 class Clock(Protocol):
@@ -70,6 +72,7 @@ class Ledger:
         # Incarnations replaced at their address, death record still to come.
         self._superseded: dict[tuple[int, int], tuple[Connection, int]] = {}
         self._closed_by_exit: set[tuple[int, int]] = set()  # death record still to come
+        self._closed_ranges: dict[int, list[tuple[int, int, int]]] = {}  # pid -> close_range()s
         self.counters: Counter[str] = Counter({name: 0 for name in LEDGER_COUNTERS})
         # Not losses: the kernel streams births only for a call site's first socket,
         # so most sockets are first seen by a scan, or at their death.
@@ -104,7 +107,7 @@ class Ledger:
         elif record.kind is RecordKind.EXIT:
             self.process_exited(record.tgid, record.ts_ns)
         elif record.kind is RecordKind.CLOSE_RANGE:
-            self._close_range(record.tgid, record.fd, record.aux)
+            self._close_range(record.tgid, record.fd, record.aux, record.ts_ns)
         # FORK needs nothing here: the kernel already follows the child.
 
     def _birth(self, record: SocketRecord) -> None:
@@ -146,7 +149,11 @@ class Ledger:
             bytes_sent=record.bytes_acked,
             bytes_received=record.bytes_received,
         )
-        fd_closed = conn.fd_closed or bool(record.flags & RecordFlag.FD_CLOSED)
+        fd_closed = (
+            conn.fd_closed
+            or bool(record.flags & RecordFlag.FD_CLOSED)
+            or self._closed_by_range(record.tgid, record.fd, record.birth_ns, record.ts_ns)
+        )
         if fd_closed:
             cause = CloseCause.APP
         elif record.tgid in self._exited:
@@ -164,6 +171,7 @@ class Ledger:
 
         if len(deaths) == 0:
             return death_rows(deaths, self._epoch_array, self._stacks.resolve, self._exited)
+
         pairs = zip(deaths["sk"].tolist(), deaths["birth_ns"].tolist(), strict=True)
         held = np.fromiter(
             (
@@ -179,7 +187,13 @@ class Ledger:
         fresh = deaths[~held]
         self.activity["sockets_first_seen_at_death"] += len(fresh)
         self.closed_count += len(fresh)
-        return death_rows(fresh, self._epoch_array, self._stacks.resolve, self._exited)
+        return death_rows(
+            fresh,
+            self._epoch_array,
+            self._stacks.resolve,
+            self._exited,
+            self._closed_by_range if self._closed_ranges else None,
+        )
 
     def _epoch_array(self, monotonic_ns: np.ndarray) -> np.ndarray:
         offset = self._clock.to_epoch(0)
@@ -195,7 +209,15 @@ class Ledger:
             self._remove(key)
             self._close(conn, ts_ns, CloseCause.EXIT, conn.state)
 
-    def _close_range(self, pid: int, low: int, high: int) -> None:
+    def _closed_by_range(self, pid: int, fd: int, birth_ns: int, death_ns: int) -> bool:
+        """Whether a close_range() of `pid` closed `fd` while this socket held it."""
+        return fd >= 0 and any(
+            low <= fd <= high and birth_ns <= ts <= death_ns
+            for low, high, ts in self._closed_ranges.get(pid, ())
+        )
+
+    def _close_range(self, pid: int, low: int, high: int, ts_ns: int = 0) -> None:
+        self._closed_ranges.setdefault(pid, []).append((low, high, ts_ns))
         for key in list(self._by_pid.get(pid, ())):
             conn = self._open[key]
             if conn.fd >= 0 and low <= conn.fd <= high:
@@ -298,7 +320,7 @@ class Ledger:
 
     # -- internals -------------------------------------------------------
     def _from_record(self, rec: SocketRecord) -> Connection:
-        frames, status = self._stacks.resolve(rec.tgid, rec.user_stack_id)
+        frames, status = self._stacks.resolve(rec.tgid, rec.user_stack_id, rec.kernel_stack_id)
         direction = rec.direction if rec.direction is not None else Direction.CONNECT
         return Connection(
             key=rec.sk,

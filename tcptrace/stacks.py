@@ -132,26 +132,37 @@ class StackSymbolizer:
         symbol: Callable[[int, int], tuple[str, str]],
         with_lines: bool = True,
         proc_root: str = "/proc",
+        kernel_symbol: Callable[[int], str] | None = None,
     ) -> None:
         self._addresses = addresses
         self._symbol = symbol
+        self._kernel_symbol = kernel_symbol
         self._lines = LineResolver() if with_lines else None
         self._proc = proc_root
-        self._cache: dict[tuple[int, int], tuple[tuple[str, ...], StackStatus]] = {}
+        self._cache: dict[tuple[int, int, int], tuple[tuple[str, ...], StackStatus]] = {}
         self.counters: Counter[str] = Counter({"stacks_unsymbolized": 0})
 
-    def resolve(self, tgid: int, stack_id: int) -> tuple[tuple[str, ...], StackStatus]:
-        if stack_id < 0:
-            return (), StackStatus.FAILED
-        key = (tgid, stack_id)
+    def resolve(
+        self, tgid: int, stack_id: int, kernel_stack_id: int = -1
+    ) -> tuple[tuple[str, ...], StackStatus]:
+        """Frames outermost first; kernel frames (when captured) last, as "[k] name"."""
+        key = (tgid, stack_id, kernel_stack_id)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        result = self._resolve(tgid, stack_id)
+        if stack_id < 0:
+            result: tuple[tuple[str, ...], StackStatus] = ((), StackStatus.FAILED)
+        else:
+            result = self._resolve(tgid, stack_id)
+        if kernel_stack_id >= 0 and self._kernel_symbol is not None:
+            # Innermost last, like the user part: the kernel runs below the syscall.
+            kernel = [f"[k] {self._kernel_symbol(a)}" for a in self._addresses(kernel_stack_id)]
+            result = (result[0] + tuple(reversed(kernel)), result[1])
         self._cache[key] = result
         return result
 
     def forget_process(self, tgid: int) -> None:
+        """Drop cached stacks of an exited process (its pid may come back as another)."""
         for key in [k for k in self._cache if k[0] == tgid]:
             del self._cache[key]
 

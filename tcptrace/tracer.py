@@ -169,7 +169,9 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
                 f"probes attached in {t_attached - started_at:.2f}s; "
                 f"threshold {options.threshold_s:g}s; Ctrl-C to stop and write the report"
             )
-        symbolizer = StackSymbolizer(cap.stack_addresses, cap.symbolize)
+        symbolizer = StackSymbolizer(
+            cap.stack_addresses, cap.symbolize, kernel_symbol=cap.kernel_symbol
+        )
         closed: list[Connection] = []  # closed by the ledger, not yet in the history
         ledger = Ledger(clock, symbolizer, on_closed=closed.append)
         history = ConnectionHistory(out_dir)

@@ -72,6 +72,7 @@ class Traced:
     threshold_s: float = 1.0
     extra_pids: tuple[int, ...] = ()
     follow_forks: bool = False
+    kernel_stacks: bool = False
     procs: list[GatedProcess] = field(default_factory=list)
     logs: list[LineLog] = field(default_factory=list)
     result: TraceResult | None = None
@@ -95,6 +96,7 @@ class Traced:
                 poll_interval_s=0.05,
                 scan_interval_s=0.5,
                 follow_forks=self.follow_forks,
+                kernel_stacks=self.kernel_stacks,
                 # scripts/vm-test runs the same tests under each probe set.
                 probes=os.environ.get("TCPTRACE_PROBES", "auto"),
                 on_attached=self._attached.set,

@@ -48,8 +48,18 @@ def leaky_server() -> Iterator[int]:
 
 def test_go_client_leaks_found_with_the_leaking_function(tmp_path: Path, leaky_server: int) -> None:
     leak, ok = 12, 8
-    argv = [_bin("leakydemo"), "client", "--addr", f"127.0.0.1:{leaky_server}",
-            "--leak", str(leak), "--ok", str(ok), "--hold", "60s"]
+    argv = [
+        _bin("leakydemo"),
+        "client",
+        "--addr",
+        f"127.0.0.1:{leaky_server}",
+        "--leak",
+        str(leak),
+        "--ok",
+        str(ok),
+        "--hold",
+        "60s",
+    ]
     with Traced([argv], tmp_path / "r", threshold_s=0.5) as t:
         client = t.release(0)
         t.wait_line(0, "READY")
@@ -86,8 +96,9 @@ def test_c_server_null_accept_close_wait_attributed_to_server_despite_busy_cpu(
         port = int(t.wait_line(0, "READY")["port"])
         # The dialer (untraced) closes each connection at once: the server,
         # which never closes, is left with CLOSE_WAIT sockets.
-        with start("dialer", "--port", str(port), "--count", str(count), "--close",
-                   "--hold", "30") as dialer:
+        with start(
+            "dialer", "--port", str(port), "--count", str(count), "--close", "--hold", "30"
+        ) as dialer:
             accepted = t.wait_line(0, "ACCEPTED")
             time.sleep(0.6)
             result = t.stop()
@@ -139,13 +150,20 @@ def test_thousands_of_short_connections_all_accounted_no_leaks(tmp_path: Path) -
 
 def test_ipv6_connect_and_accept(tmp_path: Path) -> None:
     count = 4
-    server_argv = [_bin("accept_server"), "--port", "0", "--ipv6", "--count", str(count),
-                   "--hold", "60"]
+    server_argv = [
+        _bin("accept_server"),
+        "--port",
+        "0",
+        "--ipv6",
+        "--count",
+        str(count),
+        "--hold",
+        "60",
+    ]
     with Traced([server_argv], tmp_path / "r", threshold_s=0.2) as t:
         server = t.release(0)
         port = int(t.wait_line(0, "READY")["port"])
-        with start("dialer", "--port", str(port), "--ipv6", "--count", str(count),
-                   "--hold", "30"):
+        with start("dialer", "--port", str(port), "--ipv6", "--count", str(count), "--hold", "30"):
             t.wait_line(0, "ACCEPTED")
             time.sleep(0.4)
             result = t.stop()
@@ -271,3 +289,51 @@ def test_follow_forks_attributes_the_child(tmp_path: Path) -> None:
     assert set(opened[opened.direction == "connect"].pid) == {child}
     assert set(opened[opened.direction == "accept"].pid) == {parent.pid}
     assert set(opened[opened.direction == "listen"].pid) == {parent.pid}
+
+
+CLOSE_RANGER = r"""
+import json, os, socket, struct, time
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(8)
+c = socket.create_connection(ls.getsockname())
+a, _ = ls.accept()
+# RST on close, so the kernel destroys it at once instead of lingering in FIN_WAIT2.
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+fd = c.detach()
+print("READY " + json.dumps({"fd": fd}), flush=True)
+time.sleep(0.5)
+os.closerange(fd, fd + 1)  # close_range(fd, fd, 0)
+print("CLOSED {}", flush=True)
+time.sleep(30)
+"""
+
+
+def test_close_range_is_seen_as_the_app_closing_its_fd(tmp_path: Path) -> None:
+    with Traced([[sys.executable, "-c", CLOSE_RANGER]], tmp_path / "r", 0.2) as t:
+        proc = t.release(0)
+        fd = int(t.wait_line(0, "READY")["fd"])
+        t.wait_line(0, "CLOSED")
+        time.sleep(0.3)
+        result = t.stop()
+    report = load_report(result.output_dir)
+    conns = report.connections[report.connections.pid == proc.pid]
+    client = conns[(conns.direction == "connect") & (conns.fd == fd)]
+    assert len(client) == 1
+    row = client.iloc[0]
+    assert row.close_cause == "app" and bool(row.fd_closed_by_app)
+    assert not pd.isna(row.closed_at)
+
+
+def test_kernel_stacks_are_appended_innermost_last(tmp_path: Path) -> None:
+    argv = [_bin("failconnect"), "--hold", "60"]
+    with Traced([argv], tmp_path / "r", 0.2, kernel_stacks=True) as t:
+        proc = t.release(0)
+        t.wait_line(0, "READY")
+        time.sleep(0.3)
+        result = t.stop()
+    opened = load_report(result.output_dir).open_sockets
+    (stack,) = opened[opened.pid == proc.pid]["stack"]
+    frames = stack.split(";")
+    kernel = [f for f in frames if f.startswith("[k] ")]
+    assert kernel and frames[-len(kernel) :] == kernel  # kernel frames come last
+    assert any("connect" in f for f in kernel), kernel
+    assert "connect_refused" in stack

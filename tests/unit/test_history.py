@@ -42,7 +42,7 @@ def raw_death(sk: int, birth_s: float, death_s: float, **kw: object) -> bytes:
     return bytes(r)
 
 
-def stacks(tgid: int, stack_id: int) -> tuple[tuple[str, ...], StackStatus]:
+def stacks(tgid: int, stack_id: int, kernel_stack_id: int) -> tuple[tuple[str, ...], StackStatus]:
     return ("main", f"site{stack_id}"), StackStatus.OK
 
 
@@ -62,20 +62,38 @@ def test_split_and_rows_match_the_schema() -> None:
     exit_rec = RawSocketRecord()
     exit_rec.kind = RecordKind.EXIT
     exit_rec.tgid = 200
-    raw = b"".join([
-        raw_death(0xA, 1.0, 1.5),
-        bytes(exit_rec),
-        raw_death(0xB, 1.0, 3.0, tgid=200, flags=0, fd=-1, family=10, comm=b"srv",
-                  direction=2, user_stack_id=-14),
-    ])
+    raw = b"".join(
+        [
+            raw_death(0xA, 1.0, 1.5),
+            bytes(exit_rec),
+            raw_death(
+                0xB,
+                1.0,
+                3.0,
+                tgid=200,
+                flags=0,
+                fd=-1,
+                family=10,
+                comm=b"srv",
+                direction=2,
+                user_stack_id=-14,
+            ),
+        ]
+    )
     deaths, others = split_records(raw)
     assert len(deaths) == 2 and len(others) == 1 and others["tgid"][0] == 200
     frame = death_rows(deaths, to_epoch, stacks, exited={200: 2 * S})
-    assert dict(frame.dtypes.astype(str)) == {k: str(pd.api.types.pandas_dtype(v))
-                                              for k, v in dtypes("connections").items()}
+    assert dict(frame.dtypes.astype(str)) == {
+        k: str(pd.api.types.pandas_dtype(v)) for k, v in dtypes("connections").items()
+    }
     first, second = frame.iloc[0], frame.iloc[1]
     assert (first.pid, first.comm, first.fd, first.laddr, first.raddr) == (
-        100, "client", 7, "127.0.0.1", "127.0.0.2")
+        100,
+        "client",
+        7,
+        "127.0.0.1",
+        "127.0.0.2",
+    )
     assert first.direction == "connect" and first.final_state == "CLOSE"
     assert first.close_cause == "app" and bool(first.fd_closed_by_app)
     assert first.duration_s == pytest.approx(0.5)
@@ -101,10 +119,21 @@ def test_streamed_report_equals_what_the_loader_reads(tmp_path: Path) -> None:
     history.append(death_rows(deaths[:4], to_epoch, stacks, {}))
     history.append(death_rows(deaths[4:], to_epoch, stacks, {}))
     assert sorted(p.name for p in out.iterdir()) == [
-        "connections.csv.part", "connections.parquet.part"]
-    meta = RunMeta(tool_version="t", schema_version=SCHEMA_VERSION, host="h", kernel="k",
-                   probe_set="tracepoint", pids=(100,), threshold_s=1.0, started_at=1.0,
-                   ended_at=2.0, losses={})
+        "connections.csv.part",
+        "connections.parquet.part",
+    ]
+    meta = RunMeta(
+        tool_version="t",
+        schema_version=SCHEMA_VERSION,
+        host="h",
+        kernel="k",
+        probe_set="tracepoint",
+        pids=(100,),
+        threshold_s=1.0,
+        started_at=1.0,
+        ended_at=2.0,
+        losses={},
+    )
     write_report(out, [], 1_000_010.0, 1.0, meta, history=history)
     names = sorted(p.name for p in out.iterdir())
     assert not any(n.endswith(".part") for n in names)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from tcptrace.events import Direction, RecordFlag, RecordKind, SocketRecord, TcpState
+from tcptrace.events import (
+    Direction,
+    RawSocketRecord,
+    RecordFlag,
+    RecordKind,
+    SocketRecord,
+    TcpState,
+)
 from tcptrace.ledger import Ledger
 from tcptrace.sockets import CloseCause, Connection, LeakClass, StackStatus, classify, is_leak
 
@@ -26,7 +33,9 @@ class FakeStacks:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
 
-    def resolve(self, tgid: int, stack_id: int) -> tuple[tuple[str, ...], StackStatus]:
+    def resolve(
+        self, tgid: int, stack_id: int, kernel_stack_id: int = -1
+    ) -> tuple[tuple[str, ...], StackStatus]:
         self.calls.append((tgid, stack_id))
         if stack_id < 0:
             return (), StackStatus.FAILED
@@ -304,3 +313,20 @@ def test_failed_stack_capture_is_marked_not_guessed() -> None:
     (conn,) = ledger.open_sockets()
     assert conn.stack_status is StackStatus.FAILED and conn.stack == ()
     assert stacks.calls == [(100, -14)]
+
+
+def test_close_range_counts_as_the_app_closing_for_sockets_seen_only_at_death() -> None:
+    from tcptrace.history import split_records
+
+    ledger, _, _ = new_ledger()
+    ledger.apply(rec(RecordKind.CLOSE_RANGE, t=2, fd=5, aux=9))
+    raw = []
+    for sk, fd, born, died in ((0xA, 6, 1, 3), (0xB, 12, 1, 3), (0xC, 7, 2.5, 3)):
+        r = RawSocketRecord()
+        r.kind, r.sk, r.fd, r.tgid = RecordKind.DEATH, sk, fd, 100
+        r.birth_ns, r.ts_ns, r.family, r.state = int(born * S), int(died * S), 2, 7
+        raw.append(bytes(r))
+    deaths, _ = split_records(b"".join(raw))
+    frame = ledger.apply_deaths(deaths)
+    # fd 6 was in the range when it was closed; fd 12 was not; fd 7 was born after.
+    assert list(frame.close_cause) == ["app", "kernel", "kernel"]

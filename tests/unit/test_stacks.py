@@ -87,3 +87,19 @@ def test_symbolizer_reports_failures_instead_of_guessing() -> None:
     frames, status = unknown.resolve(1, 1)
     assert status is StackStatus.UNSYMBOLIZED and frames == ("0x10",)
     assert unknown.counters["stacks_unsymbolized"] == 1
+
+
+def test_kernel_frames_follow_the_user_frames_innermost_last() -> None:
+    stacks_by_id = {1: [0x30, 0x10], 9: [0xB, 0xA]}  # innermost first
+    names = {0x30: "connect", 0x10: "main"}
+    ksyms = {0xB: "tcp_v4_connect", 0xA: "__sys_connect"}
+    sym = StackSymbolizer(
+        lambda s: stacks_by_id[s],
+        lambda a, _p: (names[a], ""),
+        with_lines=False,
+        kernel_symbol=lambda a: ksyms[a],
+    )
+    frames, status = sym.resolve(5, 1, 9)
+    assert frames == ("main", "connect", "[k] __sys_connect", "[k] tcp_v4_connect")
+    assert status is StackStatus.OK
+    assert sym.resolve(5, 1) == (("main", "connect"), StackStatus.OK)
