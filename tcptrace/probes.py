@@ -140,6 +140,33 @@ def build_cflags(config: CaptureConfig, offsets: KernelOffsets, include_dir: str
     return flags
 
 
+def kretprobe_misses(pid: int, profile: str | None = None) -> int:
+    """Returns of our kretprobes the kernel missed because every maxactive instance
+    was taken (nmissed), from tracefs's kprobe_profile ("event hits misses").
+
+    Only kprobe_events-made probes are listed there, which is what bcc makes for a
+    kretprobe with an explicit maxactive (inet_csk_accept), named *_bcc_<pid>.
+    """
+    if profile is None:
+        from tcptrace.system import tracefs_root
+
+        root = tracefs_root()
+        if root is None:
+            return 0
+        profile = os.path.join(root, "kprobe_profile")
+    suffix = f"_bcc_{pid}"
+    missed = 0
+    try:
+        with open(profile) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[0].startswith("r_") and parts[0].endswith(suffix):
+                    missed += int(parts[2])
+    except (OSError, ValueError):
+        return 0
+    return missed
+
+
 def load_without_attaching(
     config: CaptureConfig, offsets: KernelOffsets | None = None
 ) -> list[str]:
@@ -459,6 +486,8 @@ class Capture:
             totals[stat.name.lower()] = int(sum(values))
         totals["records_undecodable"] = self._decode_errors
         totals["probe_recursion_misses"] = sum(p.recursion_misses for p in self.program_stats())
+        if self.config.probe_set is ProbeSet.KPROBE:
+            totals["kretprobe_misses"] = kretprobe_misses(os.getpid())
         return totals
 
     def program_stats(self) -> list[ProgramStats]:

@@ -20,8 +20,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -54,6 +56,7 @@ class LineReader:
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.lines: list[str] = []
+        self.ended = False
         self._cond = threading.Condition()
         self._proc = proc
         threading.Thread(target=self._run, daemon=True).start()
@@ -64,6 +67,25 @@ class LineReader:
             with self._cond:
                 self.lines.append(line.rstrip("\n"))
                 self._cond.notify_all()
+        with self._cond:
+            self.ended = True  # EOF: the process is gone, no line will come
+            self._cond.notify_all()
+
+    def line_with(self, text: str, timeout: float) -> str:
+        """The first line containing `text`, waiting for it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or self.ended:
+                    raise AssertionError(
+                        f"pid {self._proc.pid}: no line with {text!r} in {timeout}s "
+                        f"(exit {self._proc.poll()}):\n" + "\n".join(self.lines)
+                    )
+                self._cond.wait(min(left, 0.2))
 
     def tagged(self, tag: str, timeout: float = LINE_TIMEOUT_S) -> dict[str, Any]:
         """The JSON of the first `TAG {json}` line, waiting for it."""
@@ -76,7 +98,7 @@ class LineReader:
                         assert isinstance(value, dict)
                         return value
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self.ended:
                     raise AssertionError(
                         f"pid {self._proc.pid}: no {tag} line in {timeout}s "
                         f"(exit {self._proc.poll()}); got {self.lines}"
@@ -108,10 +130,8 @@ class Run:
     logs: dict[str, str] = field(default_factory=dict)
 
 
-def trace_lifecycle(out_dir: Path, probe_sets: Sequence[str], threshold_s: float = 1.0) -> Run:
-    """Run the workload once, traced by each probe set in `probe_sets` at once."""
-    port = free_port()
-    argvs = {
+def _argvs(port: int) -> dict[str, list[str]]:
+    return {
         "server": [
             str(build("accept_server")),
             "--port",
@@ -134,6 +154,42 @@ def trace_lifecycle(out_dir: Path, probe_sets: Sequence[str], threshold_s: float
         ],
         "refused": [str(build("failconnect")), "--count", "1", "--hold", "120"],
     }
+
+
+def _drive(procs: dict[str, GatedProcess]) -> Truth:
+    """Release the gated workload in order and collect what it reports."""
+    readers = {role: LineReader(p.proc) for role, p in procs.items()}
+    # One at a time, so the server listens before anyone dials.
+    procs["server"].release()
+    server = readers["server"].tagged("READY")
+    procs["holder"].release()
+    holder = readers["holder"].tagged("READY")
+    procs["closer"].release()
+    closer = readers["closer"].tagged("READY")
+    readers["closer"].tagged("CLOSED")
+    procs["refused"].release()
+    refused = readers["refused"].tagged("READY")
+    accepted = readers["server"].tagged("ACCEPTED")
+    truth = Truth(
+        pids={role: p.pid for role, p in procs.items()},
+        port=int(server["port"]),
+        listen_fd=int(server["listen_fd"]),
+        accepted_fds=[int(x) for x in accepted["fds"]],
+        accepted_peer_ports=[int(x) for x in accepted["peer_ports"]],
+        holder_fds=[int(x) for x in holder["fds"]],
+        holder_ports=[int(x) for x in holder["local_ports"]],
+        closer_fds=[int(x) for x in closer["fds"]],
+        closer_ports=[int(x) for x in closer["local_ports"]],
+        refused_fd=int(refused["fd"]),
+        refused_port=int(refused["port"]),
+    )
+    return truth
+
+
+def trace_lifecycle(out_dir: Path, probe_sets: Sequence[str], threshold_s: float = 1.0) -> Run:
+    """Run the workload once, traced by each probe set in `probe_sets` at once."""
+    port = free_port()
+    argvs = _argvs(port)
     procs = {role: GatedProcess(argvs[role], stdout=subprocess.PIPE) for role in ROLES}
     stops = {ps: StopFlag() for ps in probe_sets}
     attached = {ps: threading.Event() for ps in probe_sets}
@@ -164,38 +220,16 @@ def trace_lifecycle(out_dir: Path, probe_sets: Sequence[str], threshold_s: float
 
     threads = [threading.Thread(target=tracer, args=(ps,), daemon=True) for ps in probe_sets]
     try:
-        for t in threads:
+        # One tracer at a time up to attach: bcc (LLVM) compiles are not safe in two
+        # threads of one process at once (it aborts). The workload is still gated,
+        # so both see everything from its first socket on.
+        for ps, t in zip(probe_sets, threads, strict=True):
             t.start()
-        for ps in probe_sets:
             if not attached[ps].wait(ATTACH_TIMEOUT_S) or ps in errors:
                 raise AssertionError(
                     f"{ps} tracer did not attach: {errors.get(ps)!r}\n{logs[ps].getvalue()}"
                 )
-        readers = {role: LineReader(p.proc) for role, p in procs.items()}
-        # One at a time, so the server listens before anyone dials.
-        procs["server"].release()
-        server = readers["server"].tagged("READY")
-        procs["holder"].release()
-        holder = readers["holder"].tagged("READY")
-        procs["closer"].release()
-        closer = readers["closer"].tagged("READY")
-        readers["closer"].tagged("CLOSED")
-        procs["refused"].release()
-        refused = readers["refused"].tagged("READY")
-        accepted = readers["server"].tagged("ACCEPTED")
-        truth = Truth(
-            pids={role: p.pid for role, p in procs.items()},
-            port=port,
-            listen_fd=int(server["listen_fd"]),
-            accepted_fds=[int(x) for x in accepted["fds"]],
-            accepted_peer_ports=[int(x) for x in accepted["peer_ports"]],
-            holder_fds=[int(x) for x in holder["fds"]],
-            holder_ports=[int(x) for x in holder["local_ports"]],
-            closer_fds=[int(x) for x in closer["fds"]],
-            closer_ports=[int(x) for x in closer["local_ports"]],
-            refused_fd=int(refused["fd"]),
-            refused_port=int(refused["port"]),
-        )
+        truth = _drive(procs)
         # Past the threshold, and time for the closer's FIN handshake and the
         # destroy of its socket (softirq), and for a scan of the kernel map.
         time.sleep(threshold_s + 1.5)
@@ -215,6 +249,69 @@ def trace_lifecycle(out_dir: Path, probe_sets: Sequence[str], threshold_s: float
         for t in threads:
             if t.is_alive():
                 t.join(60)
+        for p in procs.values():
+            p.stop()
+
+
+@dataclass
+class CliRun:
+    truth: Truth
+    reports: dict[str, Path]
+    outputs: dict[str, str]
+
+
+def trace_lifecycle_cli(out_dir: Path, probe_sets: Sequence[str]) -> CliRun:
+    """Run the workload once, traced by one `tcptrace` CLI process per probe set.
+
+    Separate processes, as users run it, and so that the two tracers share no bcc
+    state (bcc's per-pid symbol caches are class-wide, and two LLVM compiles in one
+    process abort). Each tracer is stopped with SIGINT, as by Ctrl-C.
+    """
+    port = free_port()
+    argvs = _argvs(port)
+    procs = {role: GatedProcess(argvs[role], stdout=subprocess.PIPE) for role in ROLES}
+    tracers: dict[str, subprocess.Popen[str]] = {}
+    readers: dict[str, LineReader] = {}
+    try:
+        pid_args = [a for p in procs.values() for a in ("--pid", str(p.pid))]
+        for ps in probe_sets:
+            tracers[ps] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tcptrace.cli",
+                    *pid_args,
+                    "--probes",
+                    ps,
+                    "--threshold",
+                    "1s",
+                    "--interval",
+                    "1h",
+                    "--output",
+                    str(out_dir / ps),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            readers[ps] = LineReader(tracers[ps])
+        for ps in probe_sets:
+            readers[ps].line_with("probes attached", ATTACH_TIMEOUT_S)
+        truth = _drive(procs)
+        time.sleep(2.5)  # past the 1 s threshold; the closer's socket is destroyed
+        outputs: dict[str, str] = {}
+        for tracer in tracers.values():
+            tracer.send_signal(signal.SIGINT)
+        for ps, tracer in tracers.items():
+            rc = tracer.wait(180)
+            outputs[ps] = "\n".join(readers[ps].lines)
+            assert rc == 0, f"tcptrace --probes {ps} exited {rc}:\n{outputs[ps]}"
+        return CliRun(truth, {ps: out_dir / ps for ps in probe_sets}, outputs)
+    finally:
+        for tracer in tracers.values():
+            if tracer.poll() is None:
+                tracer.kill()
+                tracer.wait()
         for p in procs.values():
             p.stop()
 
@@ -240,10 +337,10 @@ COMPARED = (
 )
 
 
-def report_rows(result: TraceResult) -> list[dict[str, Any]]:
+def report_rows(result: TraceResult | Path) -> list[dict[str, Any]]:
     """The report's connections table (every socket, open or closed) joined with the
     open_sockets table's state and leak verdict, as plain sorted rows."""
-    report = load_report(result.output_dir)
+    report = load_report(result if isinstance(result, Path) else result.output_dir)
     conns = report.connections
     open_rows = report.open_sockets
     open_by_key = {

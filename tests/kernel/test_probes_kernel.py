@@ -122,6 +122,7 @@ def test_lifecycle_records_match_the_workload(root: None, tmp_path: Path) -> Non
         "ustack_failed",
         "accept_unresolved",
         "fd_unresolved",
+        "kretprobe_misses",
         "records_undecodable",
         "deaths_lost",
     ):

@@ -145,3 +145,18 @@ def test_shared_header_is_spliced_in_with_line_markers(probe_set: ProbeSet) -> N
     assert lines[marker + 1 :] == original[include_line:]
     assert lines[0 : include_line - 1] == original[: include_line - 1]
     assert lines[include_line - 1] == '#line 1 "common.bpf.h"'
+
+
+def test_kretprobe_misses_counts_only_our_return_probes(tmp_path: Path) -> None:
+    from tcptrace.probes import kretprobe_misses
+
+    profile = tmp_path / "kprobe_profile"
+    profile.write_text(
+        "  r_inet_csk_accept_bcc_4242                          17               3\n"
+        "  p_tcp_close_bcc_4242                                 9               5\n"
+        "  r_inet_csk_accept_bcc_777                            4               8\n"
+        "  garbage line\n"
+    )
+    assert kretprobe_misses(4242, str(profile)) == 3
+    assert kretprobe_misses(1, str(profile)) == 0
+    assert kretprobe_misses(4242, str(tmp_path / "absent")) == 0
