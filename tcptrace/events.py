@@ -11,7 +11,10 @@ import ctypes
 import enum
 import ipaddress
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+import numpy as np
 
 LAYOUT_VERSION = 1
 COMM_LEN = 16
@@ -68,6 +71,7 @@ _DIRECTION_BY_CODE = {
     3: Direction.LISTEN,
     4: Direction.PREEXISTING,
 }
+_DIRECTION_CODE = {d: code for code, d in _DIRECTION_BY_CODE.items()}
 
 
 class RecordFlag(enum.IntFlag):
@@ -133,6 +137,8 @@ class RawSocketRecord(ctypes.Structure):
 
 
 RECORD_SIZE = ctypes.sizeof(RawSocketRecord)
+# The same layout for numpy, to decode records in bulk (ring buffer, map scans).
+RECORD_DTYPE = np.dtype(RawSocketRecord)
 
 
 def format_address(family: int, raw: bytes) -> str:
@@ -185,6 +191,38 @@ class SocketRecord:
         raw = RawSocketRecord.from_buffer_copy(bytes(data[:RECORD_SIZE]))
         return cls.from_raw(raw)
 
+    def to_raw(self) -> RawSocketRecord:
+        """Back to the kernel layout (tests build scans and record streams with it)."""
+        raw = RawSocketRecord()
+        for name in (
+            "ts_ns",
+            "sk",
+            "tgid",
+            "tid",
+            "fd",
+            "family",
+            "lport",
+            "rport",
+            "birth_ns",
+            "state_ns",
+            "user_stack_id",
+            "kernel_stack_id",
+            "bytes_acked",
+            "bytes_received",
+            "aux",
+        ):
+            setattr(raw, name, getattr(self, name))
+        raw.kind = self.kind
+        raw.state = self.state.value if self.state is not None else 0
+        raw.direction = _DIRECTION_CODE[self.direction] if self.direction is not None else 0
+        raw.flags = int(self.flags)
+        raw.comm = self.comm.encode()[:COMM_LEN]
+        for field, text in (("laddr", self.laddr), ("raddr", self.raddr)):
+            if text:
+                packed = ipaddress.ip_address(text).packed
+                getattr(raw, field)[: len(packed)] = list(packed)
+        return raw
+
     @classmethod
     def from_raw(cls, raw: RawSocketRecord) -> SocketRecord:
         kind = RecordKind(raw.kind)
@@ -213,3 +251,9 @@ class SocketRecord:
             bytes_received=raw.bytes_received,
             aux=raw.aux,
         )
+
+
+def records_array(records: Iterable[SocketRecord]) -> np.ndarray:
+    """SocketRecords as RECORD_DTYPE rows, as a map scan returns them."""
+    raw = b"".join(bytes(r.to_raw()) for r in records)
+    return np.frombuffer(raw, dtype=RECORD_DTYPE).copy()

@@ -23,11 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tcptrace.events import Direction, RawSocketRecord, RecordFlag, RecordKind, TcpState
+from tcptrace.events import RECORD_DTYPE, Direction, RecordFlag, RecordKind, TcpState
 from tcptrace.report.schema import CONNECTIONS, dtypes
 from tcptrace.sockets import StackStatus
-
-RECORD_DTYPE = np.dtype(RawSocketRecord)
 
 _STATE_NAMES = np.array(
     [TcpState(i).name if i in TcpState._value2member_map_ else "" for i in range(16)], dtype=object

@@ -69,6 +69,7 @@ class Ledger:
         # reused, and a scan can show the next socket at an address before the
         # previous one's death record has been drained.
         self._birth_ns: dict[int, int] = {}
+        self._signature: dict[int, tuple[int, ...]] = {}  # last scanned state/flags/ports
         # Incarnations replaced at their address, death record still to come.
         self._superseded: dict[tuple[int, int], tuple[Connection, int]] = {}
         self._closed_by_exit: set[tuple[int, int]] = set()  # death record still to come
@@ -224,29 +225,47 @@ class Ledger:
                 self._open[key] = dataclasses.replace(conn, fd_closed=True)
 
     # -- reconciliation with the kernel map --------------------------------
-    def reconcile(self, scan: Iterable[SocketRecord]) -> None:
-        """Bring open sockets up to date with a scan of the in-kernel ledger.
+    def reconcile(self, scan: np.ndarray, complete: bool = True) -> None:
+        """Bring open sockets up to date with a scan of the in-kernel ledger
+        (RECORD_DTYPE rows, as Capture.scan_raw returns them).
 
         Call right after draining the ring buffer. A socket absent from two
-        scans in a row without a death record lost its death; one present in
-        the map but unknown here lost its birth.
+        complete scans in a row without a death record lost its death; one in
+        the map but unknown here is added (births are announced once per call
+        site). Only rows that changed since the last scan are decoded, so a
+        scan of 100k quiet sockets costs little.
         """
         seen: set[int] = set()
-        for rec in scan:
-            seen.add(rec.sk)
-            conn = self._open.get(rec.sk)
-            if conn is not None and self._birth_ns.get(rec.sk) != rec.birth_ns:
+        columns = zip(
+            scan["sk"].tolist(),
+            scan["birth_ns"].tolist(),
+            scan["tgid"].tolist(),
+            scan["state"].tolist(),
+            scan["flags"].tolist(),
+            scan["lport"].tolist(),
+            scan["rport"].tolist(),
+            strict=True,
+        )
+        for index, (key, birth_ns, tgid, *signature) in enumerate(columns):
+            seen.add(key)
+            conn = self._open.get(key)
+            if conn is not None and self._birth_ns.get(key) != birth_ns:
                 # The next socket at this address: the previous one's death
                 # record is in flight (or lost; _age_superseded decides).
-                self._supersede(rec.sk)
+                self._supersede(key)
                 conn = None
-            if conn is None:
-                if rec.tgid in self._exited:
-                    continue
-                self.activity["sockets_first_seen_by_scan"] += 1
-                self._insert(self._from_record(rec), rec.birth_ns)
+            if conn is None and tgid in self._exited:
                 continue
-            self._open[rec.sk] = dataclasses.replace(
+            sig = tuple(signature)
+            if conn is not None and self._signature.get(key) == sig:
+                continue
+            self._signature[key] = sig
+            rec = SocketRecord.decode(scan[index].tobytes())
+            if conn is None:
+                self.activity["sockets_first_seen_by_scan"] += 1
+                self._insert(self._from_record(rec), birth_ns)
+                continue
+            self._open[key] = dataclasses.replace(
                 conn,
                 state=rec.state if rec.state is not None else conn.state,
                 laddr=rec.laddr or conn.laddr,
@@ -255,6 +274,8 @@ class Ledger:
                 rport=rec.rport or conn.rport,
                 fd_closed=conn.fd_closed or bool(rec.flags & RecordFlag.FD_CLOSED),
             )
+        if not complete:
+            return  # a partial read proves nothing about what it did not return
         now_missing = {
             key
             for key, conn in self._open.items()
@@ -352,6 +373,7 @@ class Ledger:
 
     def _remove(self, key: int) -> None:
         self._birth_ns.pop(key, None)
+        self._signature.pop(key, None)
         conn = self._open.pop(key)
         keys = self._by_pid.get(conn.pid)
         if keys is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import errno
 import importlib.resources
 import os
 import time
@@ -16,9 +17,18 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tcptrace.btf import KernelOffsets, kernel_offsets
 from tcptrace.errors import KernelSupportError, PermissionProblem
-from tcptrace.events import KERNEL_STAT_COUNT, KernelStat, RawSocketRecord, SocketRecord
+from tcptrace.events import (
+    KERNEL_STAT_COUNT,
+    RECORD_DTYPE,
+    KernelStat,
+    RawSocketRecord,
+    RecordKind,
+    SocketRecord,
+)
 
 
 class ProbeSet(enum.Enum):
@@ -349,6 +359,8 @@ class Capture:
         if config.probe_set is ProbeSet.KPROBE:
             self._attach_kprobes()
         self._chunks: list[bytes] = []
+        self._bcc = bcc
+        self._scan_buffers: tuple[Any, Any] | None = None
         self._decode_errors = 0
         try:
             targets = self._bpf["targets"]
@@ -428,20 +440,61 @@ class Capture:
             handler(record)
 
     def scan(self) -> list[SocketRecord]:
-        """Every socket in the in-kernel ledger right now (batched map read)."""
-        records: list[SocketRecord] = []
-        for _key, value in self._iter_socks():
-            raw = RawSocketRecord.from_buffer_copy(bytes(value))
-            raw.kind = 6  # SNAPSHOT: the map holds BIRTH-kind values
-            records.append(SocketRecord.from_raw(raw))
-        return records
+        """Every socket in the in-kernel ledger right now, decoded (tests, small maps)."""
+        records, _complete = self.scan_raw()
+        return [SocketRecord.decode(row.tobytes()) for row in records]
 
-    def _iter_socks(self) -> Iterator[tuple[Any, Any]]:
+    def scan_raw(self) -> tuple[np.ndarray, bool]:
+        """Every socket in the in-kernel ledger (RECORD_DTYPE rows, kind SNAPSHOT), and
+        whether the read is known complete. Batched: one syscall for the whole map."""
         try:
-            yield from self._socks.items_lookup_batch()
-        except Exception:
-            # Kernels without batched map ops: one key at a time (slower).
-            yield from self._socks.items()
+            values, complete = self._lookup_all_batched()
+        except OSError:
+            # Kernels without batched map ops: one key at a time (slower, racy).
+            values = b"".join(bytes(v) for _k, v in self._socks.items())
+            complete = True
+        records = np.frombuffer(values, dtype=RECORD_DTYPE).copy()
+        records["kind"] = RecordKind.SNAPSHOT
+        return records, complete
+
+    def _lookup_all_batched(self) -> tuple[bytes, bool]:
+        # Not bcc's items_lookup_batch(): bcc 0.26 passes one c_uint32 as both the
+        # resume token and the count, so any read needing a second call resumes at
+        # the wrong place. Here they are separate, and the result says whether the
+        # whole map was read (a partial scan must not be taken for lost deaths).
+        lib = self._bcc.libbcc.lib
+        capacity = self.config.max_sockets
+        if self._scan_buffers is None:
+            self._scan_buffers = (
+                ctypes.create_string_buffer(8 * capacity),
+                ctypes.create_string_buffer(RECORD_DTYPE.itemsize * capacity),
+            )
+        keys, values = self._scan_buffers
+        token = ctypes.c_uint32(0)
+        next_token = ctypes.c_uint32(0)
+        total = 0
+        for _attempt in range(64):
+            count = ctypes.c_uint32(capacity - total)
+            res = lib.bpf_lookup_batch(
+                self._socks.map_fd,
+                ctypes.byref(token) if total else None,
+                ctypes.byref(next_token),
+                ctypes.byref(keys, 8 * total),
+                ctypes.byref(values, RECORD_DTYPE.itemsize * total),
+                ctypes.byref(count),
+            )
+            err = ctypes.get_errno()
+            total += count.value
+            if res != 0:
+                if err == errno.ENOENT:  # the end of the map: complete
+                    return ctypes.string_at(values, RECORD_DTYPE.itemsize * total), True
+                if total == 0 and err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise OSError(err, "batched map lookup not supported")
+                return ctypes.string_at(values, RECORD_DTYPE.itemsize * total), False
+            if total >= capacity or count.value == 0:
+                break
+            token.value = next_token.value
+        return ctypes.string_at(values, RECORD_DTYPE.itemsize * total), False
 
     def forget(self, sks: Iterable[int]) -> None:
         """Drop ledger entries user space has retired (e.g. a process exited)."""

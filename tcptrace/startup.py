@@ -37,8 +37,10 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
+import numpy as np
+
 from tcptrace.btf import KernelOffsets, kernel_offsets
-from tcptrace.events import KernelStat
+from tcptrace.events import RECORD_DTYPE, KernelStat
 from tcptrace.fileio import prepare_output_dir, probe_writable
 from tcptrace.system import (
     ProcessInfo,
@@ -229,6 +231,9 @@ class NotAttached:
 
     def scan(self) -> list[Any]:
         return []
+
+    def scan_raw(self) -> tuple[np.ndarray, bool]:
+        return np.empty(0, dtype=RECORD_DTYPE), True
 
     def forget(self, sks: Iterable[int]) -> None:
         return None

@@ -26,8 +26,8 @@ import numpy as np
 
 from tcptrace import __version__
 from tcptrace.clock import MonotonicClock
-from tcptrace.events import ACTIVITY_STATS, RawSocketRecord, RecordKind, SocketRecord
-from tcptrace.history import RECORD_DTYPE, ConnectionHistory
+from tcptrace.events import ACTIVITY_STATS, RECORD_DTYPE, RawSocketRecord, RecordKind, SocketRecord
+from tcptrace.history import ConnectionHistory
 from tcptrace.ledger import Ledger
 from tcptrace.report import (
     SCHEMA_VERSION,
@@ -201,7 +201,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
             consume()
             now_m = time.monotonic()
             if now_m >= next_scan:
-                ledger.reconcile(cap.scan())
+                ledger.reconcile(*cap.scan_raw())
                 next_scan = now_m + options.scan_interval_s
                 # issue 7: by start time, so a reused pid is not a live target
                 live = surviving_targets(live | ledger.pids(), pre.watch, ledger)
@@ -234,7 +234,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
 
         # Final pass: everything still in the ring buffer and the map.
         consume()
-        ledger.reconcile(cap.scan())
+        ledger.reconcile(*cap.scan_raw())
         consume()
         _refresh_preexisting(ledger, options.pids, pre.watch.alive)
         final_stats = cap.stats()

@@ -32,10 +32,15 @@ def _stacks_with(frame: str, stacks: pd.Series) -> int:
     return int(stacks.str.contains(frame, regex=False).sum())
 
 
-def _zero_losses(meta: dict[str, object]) -> None:
+def _zero_losses(meta: dict[str, object], tolerate_nesting: bool = False) -> None:
     losses = meta["losses"]
     assert isinstance(losses, dict)
     nonzero = {k: v for k, v in losses.items() if v}
+    if tolerate_nesting:
+        # At full churn a softirq can fire a probe on a CPU where the same probe is
+        # already running; the kernel skips it and counts it. The caller checks
+        # that every socket was still accounted for.
+        nonzero.pop("probe_recursion_misses", None)
     assert nonzero == {}, nonzero
 
 
@@ -143,7 +148,7 @@ def test_thousands_of_short_connections_all_accounted_no_leaks(tmp_path: Path) -
     # churn exits when done: its listeners close too, and nothing is left open.
     assert (closed.direction == "listen").sum() == ports
     assert report.open_sockets.empty
-    _zero_losses(report.meta)
+    _zero_losses(report.meta, tolerate_nesting=True)
     activity = report.meta["extra"]["activity"]
     assert activity["connections_closed"] == 2 * n + ports
 

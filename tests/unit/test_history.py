@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tcptrace.events import RawSocketRecord, RecordFlag, RecordKind, TcpState
-from tcptrace.history import RECORD_DTYPE, ConnectionHistory, death_rows, split_records
+from tcptrace.events import RECORD_DTYPE, RawSocketRecord, RecordFlag, RecordKind, TcpState
+from tcptrace.history import ConnectionHistory, death_rows, split_records
 from tcptrace.report import RunMeta, load_report, write_report
 from tcptrace.report.schema import SCHEMA_VERSION, connections_frame, dtypes
 from tcptrace.sockets import StackStatus

@@ -11,6 +11,7 @@ from tcptrace.events import (
     RecordKind,
     SocketRecord,
     TcpState,
+    records_array,
 )
 from tcptrace.ledger import Ledger
 from tcptrace.sockets import CloseCause, Connection, LeakClass, StackStatus, classify, is_leak
@@ -73,6 +74,10 @@ def rec(
     return SocketRecord(**base)  # type: ignore[arg-type]
 
 
+def reconcile(ledger: Ledger, records: list[SocketRecord]) -> None:
+    ledger.reconcile(records_array(records))
+
+
 def new_ledger() -> tuple[Ledger, FakeClock, FakeStacks]:
     clock, stacks = FakeClock(), FakeStacks()
     return Ledger(clock, stacks), clock, stacks
@@ -111,7 +116,8 @@ def test_scan_updates_state_and_flags_then_classifies() -> None:
     ledger.apply(rec(RecordKind.BIRTH, sk=0xB, t=1, direction=Direction.ACCEPT, fd=4))
     ledger.apply(rec(RecordKind.BIRTH, sk=0xC, t=1, fd=5))
     ledger.apply(rec(RecordKind.BIRTH, sk=0xD, t=1, fd=6))
-    ledger.reconcile(
+    reconcile(
+        ledger,
         [
             rec(RecordKind.SNAPSHOT, sk=0xA, t=1, state=TcpState.ESTABLISHED),
             rec(RecordKind.SNAPSHOT, sk=0xB, t=1, state=TcpState.CLOSE_WAIT, fd=4),
@@ -131,7 +137,7 @@ def test_scan_updates_state_and_flags_then_classifies() -> None:
                 fd=6,
                 flags=RecordFlag.FD_CLOSED,
             ),
-        ]
+        ],
     )
     by_key = {c.key: c for c in ledger.open_sockets()}
     assert classify(by_key[0xA]) is LeakClass.ESTABLISHED
@@ -178,13 +184,15 @@ def test_scan_finds_unannounced_sockets_and_detects_lost_deaths() -> None:
     ledger, _, _ = new_ledger()
     ledger.apply(rec(RecordKind.BIRTH, sk=0xA, t=1))
     # 0xB is in the kernel map; the kernel announced only 0xA (first of its call site).
-    ledger.reconcile([rec(RecordKind.SNAPSHOT, sk=0xA, t=1), rec(RecordKind.SNAPSHOT, sk=0xB, t=1)])
+    reconcile(
+        ledger, [rec(RecordKind.SNAPSHOT, sk=0xA, t=1), rec(RecordKind.SNAPSHOT, sk=0xB, t=1)]
+    )
     assert {c.key for c in ledger.open_sockets()} == {0xA, 0xB}
     assert ledger.activity["sockets_first_seen_by_scan"] == 1
     # 0xA vanishes without a death: one missing scan may be a race, two is a loss.
-    ledger.reconcile([rec(RecordKind.SNAPSHOT, sk=0xB, t=1)])
+    reconcile(ledger, [rec(RecordKind.SNAPSHOT, sk=0xB, t=1)])
     assert {c.key for c in ledger.open_sockets()} == {0xA, 0xB}
-    ledger.reconcile([rec(RecordKind.SNAPSHOT, sk=0xB, t=1)])
+    reconcile(ledger, [rec(RecordKind.SNAPSHOT, sk=0xB, t=1)])
     assert {c.key for c in ledger.open_sockets()} == {0xB}
     assert ledger.counters["deaths_lost"] == 1
     assert ledger.closed_sockets()[0].close_cause is CloseCause.KERNEL
@@ -193,7 +201,7 @@ def test_scan_finds_unannounced_sockets_and_detects_lost_deaths() -> None:
 def test_death_in_flight_during_scan_is_not_a_loss() -> None:
     ledger, _, _ = new_ledger()
     ledger.apply(rec(RecordKind.BIRTH, sk=0xA, t=1))
-    ledger.reconcile([])  # destroyed after the drain, record still in the ring
+    reconcile(ledger, [])  # destroyed after the drain, record still in the ring
     ledger.apply(
         rec(
             RecordKind.DEATH,
@@ -204,7 +212,7 @@ def test_death_in_flight_during_scan_is_not_a_loss() -> None:
             flags=RecordFlag.FD_CLOSED,
         )
     )
-    ledger.reconcile([])
+    reconcile(ledger, [])
     assert ledger.counters["deaths_lost"] == 0
     assert len(ledger.closed_sockets()) == 1
 
@@ -224,10 +232,10 @@ def test_reused_address_without_a_death_is_a_lost_death_two_scans_later() -> Non
     ledger.apply(rec(RecordKind.BIRTH, sk=0xA, t=2, fd=9))
     assert [c.fd for c in ledger.open_sockets()] == [9]
     now = [rec(RecordKind.SNAPSHOT, sk=0xA, t=2, fd=9)]
-    ledger.reconcile(now)
-    ledger.reconcile(now)
+    reconcile(ledger, now)
+    reconcile(ledger, now)
     assert ledger.counters["deaths_lost"] == 0  # may still be in flight
-    ledger.reconcile(now)
+    reconcile(ledger, now)
     assert ledger.counters["deaths_lost"] == 1
     (lost,) = ledger.closed_sockets()
     assert lost.fd == 3 and lost.close_cause is CloseCause.KERNEL
@@ -237,7 +245,7 @@ def test_death_of_a_previous_incarnation_does_not_close_the_next_one() -> None:
     """Scan shows the next socket at an address before the last one's death is drained."""
     ledger, _, _ = new_ledger()
     ledger.apply(rec(RecordKind.BIRTH, sk=0xA, t=1, direction=Direction.ACCEPT, fd=5))
-    ledger.reconcile([rec(RecordKind.SNAPSHOT, sk=0xA, t=3, fd=7)])  # born at t=3
+    reconcile(ledger, [rec(RecordKind.SNAPSHOT, sk=0xA, t=3, fd=7)])  # born at t=3
     ledger.apply(
         rec(
             RecordKind.DEATH,
