@@ -7,6 +7,7 @@ program opens is born under the probes (used by `tcptrace demo` and the tests).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -56,14 +57,7 @@ class GatedProcess:
         """SIGTERM, then SIGKILL; always reaps the child."""
         if not self._released:
             self.release()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, timeout)
 
     def __enter__(self) -> GatedProcess:
         return self
@@ -75,3 +69,17 @@ class GatedProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float = 5.0) -> int:
+    """Stop a child: SIGTERM, then SIGKILL after `timeout`; reap it; its exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+    return proc.returncode

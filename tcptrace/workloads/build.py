@@ -21,7 +21,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -33,6 +32,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from tcptrace.errors import TcptraceError
+from tcptrace.launch import terminate
 
 __all__ = [
     "C_FLAGS",
@@ -395,15 +395,7 @@ class RunningWorkload:
 
     def stop(self, timeout: float = 5.0) -> int:
         """SIGTERM, wait up to `timeout`, then SIGKILL. Returns the exit status. Idempotent."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         if self._reader.join(2.0) and self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.proc.returncode
