@@ -37,7 +37,7 @@
 #define TT_STACKS 16384
 #endif
 #ifndef TT_RINGBUF_PAGES
-#define TT_RINGBUF_PAGES 1024
+#define TT_RINGBUF_PAGES 4096
 #endif
 #ifndef TT_FOLLOW_FORKS
 #define TT_FOLLOW_FORKS 0
@@ -212,6 +212,8 @@ static __always_inline void fill_tuple(struct tt_record *r, u64 sk)
  * port before the state change is traced, and a failed connect clears the peer. */
 static __always_inline void refresh_tuple(struct tt_record *cur, u64 sk)
 {
+	if (cur->lport && cur->rport)
+		return; /* complete: the tuple of a socket does not change */
 	u16 lport = 0, rport_be = 0;
 	bpf_probe_read_kernel(&lport, sizeof(lport), (void *)sk + TT_OFF_SK_NUM);
 	bpf_probe_read_kernel(&rport_be, sizeof(rport_be), (void *)sk + TT_OFF_SK_DPORT);

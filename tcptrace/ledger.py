@@ -93,6 +93,10 @@ class Ledger:
         """Closed rows kept in memory (empty when an `on_closed` sink was given)."""
         return list(self._closed)
 
+    def has_preexisting(self) -> bool:
+        """Whether any socket from the start-up snapshot is still open (keys < 0)."""
+        return any(key < 0 for key in self._open)
+
     def pids(self) -> set[int]:
         return {pid for pid, keys in self._by_pid.items() if keys}
 

@@ -44,7 +44,9 @@ class CaptureConfig:
     kernel_stacks: bool = False
     max_sockets: int = 131072
     max_stacks: int = 16384
-    ringbuf_pages: int = 1024
+    # 16 MiB: ~115k records, seconds of headroom at 20k connections/s if the
+    # consumer stalls (e.g. writing a history part).
+    ringbuf_pages: int = 4096
     max_targets: int = 1024
     # Per-record wakeups cost the traced service ~45% of its churn; a timed
     # poll costs ~10% (design.md). Tests may ask for wakeups to cut latency.

@@ -85,8 +85,10 @@ class CsvWriter:
 
     def write(self, frame: pd.DataFrame, path: Path, table: str) -> None:
         # The schema version lives in meta.json: a header comment would trip up other tools.
-        text = frame.to_csv(index=False, date_format=CSV_DATE_FORMAT, lineterminator="\n")
-        write_atomic(path, text.encode("utf-8"))
+        # One CSV style for every table, streamed or not (tcptrace.history.csv_bytes).
+        from tcptrace.history import csv_bytes
+
+        write_atomic(path, csv_bytes(frame, header=True))
 
 
 class ParquetWriter:
