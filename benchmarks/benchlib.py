@@ -335,11 +335,17 @@ def summarize_overhead(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
             "cpu_us_per_conn": median(r.get("cpu_us_per_conn") for r in ok),
             "expected_sockets": median(r.get("expected_sockets") for r in ok),
             "host_busy_cores": median(r.get("host_busy_cores") for r in ok),
+            "other_cores": median(r.get("other_cores") for r in ok),
             "errors": [str(r.get("error")) for r in rs if not r.get("ok")],
         }
         tools = [r.get("tool") or {} for r in ok]
         for key in ("cpu_pct", "cpu_s", "seen", "seen_kernel", "rss_kb", "poll_ms", "lost"):
             summary[f"tool_{key}"] = median(t.get(key) for t in tools)
+        seen_pct = [float(t["seen_pct"]) for t in tools if t.get("seen_pct") is not None]
+        summary["tool_seen_pct"] = median(seen_pct)
+        summary["tool_seen_pct_min"] = min(seen_pct) if seen_pct else None
+        lost = [int(t["lost"]) for t in tools if t.get("lost") is not None]
+        summary["tool_lost_max"] = max(lost) if lost else None
         loss_keys = sorted({k for t in tools for k in (t.get("losses") or {})})
         summary["tool_losses"] = (
             {
@@ -365,16 +371,17 @@ def overhead_table(summaries: Sequence[Mapping[str, Any]]) -> str:
         "runs",
         "conn/s (median)",
         "vs (a)",
+        "paired",
         "spread",
         "churn CPU/conn",
         "tool CPU",
-        "sockets seen / expected",
-        "losses (median of runs)",
+        "seen / expected",
+        "losses (worst run)",
+        "other load",
     ]
     rows = []
     for s in summaries:
         variant = str(s["variant"])
-        seen = _seen_text(s)
         tool_cpu = "-"
         if variant in ("tcptrace", "tcplife"):
             tool_cpu = fmt_num(s.get("tool_cpu_pct"), 1, "%")
@@ -382,43 +389,42 @@ def overhead_table(summaries: Sequence[Mapping[str, Any]]) -> str:
             tool_cpu = fmt_num(s.get("tool_poll_ms"), 0, " ms/poll")
         losses = "-"
         if variant == "tcptrace":
-            losses = losses_text(s.get("tool_losses"))
+            losses = losses_text(s.get("tool_losses_max"))
         elif variant == "tcplife":
-            lost = s.get("tool_lost")
-            losses = "n/a" if lost is None else f"lost_samples={lost:.0f}" if lost else "0"
+            lost = s.get("tool_lost_max")
+            losses = "n/a" if lost is None else f"lost_samples={lost}" if lost else "0"
+        base = variant == "untraced" and s.get("ratio")
         rows.append(
             [
                 rate_label(float(s["rate_target"])),
                 VARIANTS.get(variant, variant),
                 f"{s['ok_runs']}/{s['runs']}",
                 fmt_num(s.get("rate_median")),
-                "1.000" if variant == "untraced" and s.get("ratio") else fmt_ratio(s.get("ratio")),
+                "1.000" if base else fmt_ratio(s.get("ratio")),
+                "-" if variant == "untraced" else fmt_ratio(s.get("ratio_paired")),
                 fmt_num(s.get("spread_pct"), 1, "%"),
                 fmt_num(s.get("cpu_us_per_conn"), 1, " us"),
                 tool_cpu,
-                seen,
+                _seen_text(s),
                 losses,
+                fmt_num(s.get("other_cores"), 2),
             ]
         )
     return markdown_table(headers, rows)
 
 
 def _seen_text(s: Mapping[str, Any]) -> str:
+    """Median share of the expected sockets the tool saw, and the worst run's."""
     variant = s["variant"]
-    expected = s.get("expected_sockets")
-    if variant == "tcptrace":
-        seen = s.get("tool_seen")
-        if seen is None:
+    if variant in ("tcptrace", "tcplife"):
+        pct, worst = s.get("tool_seen_pct"), s.get("tool_seen_pct_min")
+        if pct is None:
             return "n/a"
-        pct = f" ({seen / expected * 100:.1f}%)" if expected else ""
-        return f"{seen:,.0f} / {fmt_num(expected)}{pct}"
-    if variant == "tcplife":
-        seen = s.get("tool_seen")
-        if seen is None:
-            return "n/a"
-        pct = f" ({seen / expected * 100:.1f}%)" if expected else ""
-        return f"{seen:,.0f} lines / {fmt_num(expected)}{pct}"
+        text = f"{pct:.1f}%"
+        if worst is not None and round(worst, 1) != round(pct, 1):
+            text += f" (worst {worst:.1f}%)"
+        return text
     if variant == "ss":
         seen = s.get("tool_seen")
-        return "n/a" if seen is None else f"{seen:,.0f} per poll (max)"
+        return "n/a" if seen is None else f"<= {seen:,.0f} per poll"
     return "-"

@@ -10,7 +10,8 @@
  * listeners. RLIMIT_NOFILE is raised to fit (needs root beyond the hard limit).
  * Prints `READY {"pid":..,"sockets":..,"listeners":..,"seconds":..}` once
  * everything is held, then holds until S seconds (default 60, max 600) pass
- * or SIGTERM/SIGINT, and exits 0 without closing anything itself.
+ * or SIGTERM/SIGINT, and exits 0 without closing anything itself (SO_LINGER 0:
+ * the exit resets every connection, leaving no TIME_WAIT).
  *
  * Built by benchmarks/churn with -O1 -g -fno-omit-frame-pointer, so the stacks
  * tcptrace captures are hold_connect <- hold_all <- main and
@@ -64,6 +65,14 @@ static struct sockaddr_in loopback(int port)
     return a;
 }
 
+/* Close with an RST when the holder exits, so 100,000 sockets leave no TIME_WAIT
+ * behind to slow down whatever lists the host's sockets next (ss, sock_diag). */
+static void linger0(int fd)
+{
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    (void)setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+}
+
 NOINLINE int hold_connect(int port)
 {
     struct sockaddr_in a = loopback(port);
@@ -90,10 +99,14 @@ NOINLINE long hold_all(const int *lfds, const int *ports, int nports, long pairs
     long held = 0;
     for (long i = 0; i < pairs && !stop_flag; i++) {
         int p = (int)(i % nports);
-        if (hold_connect(ports[p]) < 0)
+        int c = hold_connect(ports[p]);
+        if (c < 0)
             die("connect");
-        if (hold_accept(lfds[p]) < 0)
+        int a = hold_accept(lfds[p]);
+        if (a < 0)
             die("accept");
+        linger0(c);
+        linger0(a);
         held += 2;
     }
     __asm__ volatile("" ::: "memory");

@@ -307,6 +307,7 @@ def _run(
         "expected_sockets": 2 * int(rate) + 8,
         "cpu_us_per_conn": 30.0,
         "host_busy_cores": 1.5,
+        "other_cores": 0.5,
         "tool": tool,
         "error": "" if ok else "RuntimeError: boom",
     }
@@ -315,19 +316,28 @@ def _run(
 def _runs() -> list[dict[str, Any]]:
     return [
         _run("untraced", 1, 30000),
-        _run("tcptrace", 1, 28500, cpu_pct=10.0, seen=60008, losses={"events_dropped": 0}),
+        _run(
+            "tcptrace",
+            1,
+            28500,
+            cpu_pct=10.0,
+            seen=57008,
+            seen_pct=100.0,
+            losses={"events_dropped": 0},
+        ),
         _run("untraced", 2, 32000),
         _run(
             "tcptrace",
             2,
             32000,
             cpu_pct=12.0,
-            seen=50000,
+            seen=53340,
+            seen_pct=83.33,
             losses={"events_dropped": 9000, "deaths_lost": 2},
         ),
         _run("untraced", 3, 31000),
         _run("tcptrace", 3, 0, ok=False),
-        _run("tcplife", 1, 21000, cpu_pct=40.0, seen=41000, lost=100),
+        _run("tcplife", 1, 21000, cpu_pct=40.0, seen=41000, seen_pct=97.6, lost=100),
         _run("ss", 1, 25000, poll_ms=90.0, seen=1200),
         _run("untraced", 1, 1000, target=1000.0),
         _run("tcptrace", 1, 1000, target=1000.0, cpu_pct=2.0, seen=2008, losses={}),
@@ -354,7 +364,10 @@ def test_summarize_overhead_medians_and_ratios() -> None:
     assert tt["ratio_paired"] == pytest.approx(0.975)
     assert tt["errors"] == ["RuntimeError: boom"]
     assert tt["tool_cpu_pct"] == pytest.approx(11.0)
-    assert tt["tool_seen"] == pytest.approx(55004)
+    assert tt["tool_seen"] == pytest.approx(55174)
+    assert tt["tool_seen_pct"] == pytest.approx(91.665)
+    assert tt["tool_seen_pct_min"] == pytest.approx(83.33)
+    assert tt["other_cores"] == pytest.approx(0.5)
     assert tt["tool_losses"] == {"deaths_lost": 1, "events_dropped": 4500}
     assert tt["tool_losses_max"] == {"deaths_lost": 2, "events_dropped": 9000}
     assert by[(0.0, "tcplife")]["ratio"] == pytest.approx(21000 / 31000)
@@ -379,11 +392,14 @@ def test_overhead_table() -> None:
     assert "30,250" in tt
     assert f"{30250 / 31000:.3f}" in tt
     assert "2/3" in tt
-    assert "deaths_lost=1 events_dropped=4500" in tt
-    assert "55,004 / " in tt
+    assert "|  0.975 |" in tt  # paired ratio
+    assert "deaths_lost=2 events_dropped=9000" in tt  # the worst run's losses
+    assert "91.7% (worst 83.3%)" in tt
+    assert tt.endswith("|       0.50 |")  # other load, median of the runs
     assert "1.000" in row["(a) untraced@max"]
     assert "lost_samples=100" in row["(c) tcplife-bpfcc -p@max"]
     assert "90 ms/poll" in row["(d) ss -tanp every 1s@max"]
+    assert "<= 1,200 per poll" in row["(d) ss -tanp every 1s@max"]
     assert "1k/s" in lines[-1]
 
 
