@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import sys
 import tempfile
-import threading
 import traceback
 from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
-from types import FrameType
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -24,7 +22,7 @@ from tcptrace.errors import (
     TcptraceError,
     UsageError,
 )
-from tcptrace.startup import SignalLatch
+from tcptrace.interrupts import EXIT_STATUS, SignalLatch
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,14 +56,6 @@ def _internal_error(exc: BaseException) -> NoReturn:
     sys.exit(INTERNAL_ERROR_EXIT)
 
 
-class _Terminated(Exception):
-    """SIGTERM before a command installed its own handling (turned into exit 143)."""
-
-
-def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
-    raise _Terminated
-
-
 class OneLineErrors(click.Group):
     """click's own errors (bad option values, unknown options) as one line on stderr.
 
@@ -76,8 +66,11 @@ class OneLineErrors(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> NoReturn:
         kwargs["standalone_mode"] = False
-        in_main = threading.current_thread() is threading.main_thread()
-        old_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+        # The console script (tcptrace.entry) installed a latch already; an
+        # in-process caller (tests) gets one for the duration of the call.
+        owned = SignalLatch.active() is None
+        if owned:
+            SignalLatch().install()
         try:
             rv = super().main(*args, **kwargs)
         except click.ClickException as exc:
@@ -86,15 +79,27 @@ class OneLineErrors(click.Group):
             click.echo(f"tcptrace: error: {message[:1].lower()}{message[1:]}{hint}", err=True)
             sys.exit(exc.exit_code)
         except (click.Abort, KeyboardInterrupt):
-            click.echo("tcptrace: interrupted before tracing started; no report written", err=True)
+            click.echo("tcptrace: interrupted", err=True)
             sys.exit(130)
-        except _Terminated:
-            click.echo("tcptrace: terminated before tracing started; no report written", err=True)
-            sys.exit(143)
+        except Exception as exc:  # outside any command (parsing): still one line
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            _internal_error(exc)
         finally:
-            if old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
+            latch = SignalLatch.active()
+            if owned and latch is not None:
+                latch.restore()
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _release_signals() -> None:
+    """For commands other than a trace: default signal handling back, and if a
+    SIGINT/SIGTERM came while the command line was parsed, honour it now."""
+    latch = SignalLatch.active()
+    name = latch.restore() if latch is not None else None
+    if name is not None:
+        click.echo(f"tcptrace: stopped by {name}", err=True)
+        sys.exit(EXIT_STATUS.get(name, 130))
 
 
 def mapped_errors(func: F) -> F:
@@ -107,7 +112,7 @@ def mapped_errors(func: F) -> F:
         except KeyboardInterrupt:
             click.echo("tcptrace: interrupted", err=True)
             sys.exit(130)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, _Terminated):
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # OneLineErrors prints these
         except Exception as exc:
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
@@ -225,10 +230,11 @@ def main(
       sudo tcptrace doctor                     can this machine trace?
     """
     if ctx.invoked_subcommand is not None:
+        _release_signals()  # issue 7
         return
-    # issue 7: from here on a SIGINT/SIGTERM is a request to stop and write the
-    # report, even while the tracer's heavy imports below still run.
-    latch = SignalLatch().install()
+    # issue 7: a SIGINT/SIGTERM latched since start, or arriving from now on, is
+    # a request to stop and write the report, even while the tracer's imports run.
+    latch = SignalLatch.active() or SignalLatch().install()
     try:
         if not pids:
             click.echo(ctx.get_help())
@@ -313,8 +319,9 @@ def _trace(
             result = run_trace(options, out=out, stop=stop)
     finally:
         if out is not sys.stdout:
-            sys.stdout.write(out.getvalue())
-            sys.stdout.flush()
+            with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+                sys.stdout.write(out.getvalue())
+                sys.stdout.flush()
     wanted = Path(requested).expanduser().resolve()
     if Path(result.output_dir).resolve() != wanted:
         raise ReportRescued(

@@ -45,6 +45,7 @@ LEDGER_COUNTERS = (
     "deaths_lost",  # vanished from the kernel map without a death record
     "sockets_untracked",  # kernel ledger map was full: shown, never classified
     "sockets_replaced",  # sock address reused before we saw its destroy
+    "states_corrected",  # issue 7: a state change the kernel program missed, fixed from sock_diag
 )
 
 
@@ -342,6 +343,31 @@ class Ledger:
                     raddr=new.raddr or conn.raddr,
                     rport=new.rport or conn.rport,
                 )
+
+    # --- issue 7: states the kernel program could not record -----------------
+    def correct_states(self, current: Iterable[Connection]) -> int:
+        """Set the TCP state of traced open sockets from a sock_diag snapshot.
+
+        The in-kernel record is updated by the state-change program, which the
+        kernel skips when it would nest on a CPU (counted as recursion misses):
+        the record then keeps a stale state, e.g. ESTABLISHED for a socket the
+        peer closed (CLOSE_WAIT), and the report would misclassify it. A socket
+        is matched by (pid, fd) and the same ports, so a reused fd is not
+        mistaken for it. Returns (and counts) the sockets corrected.
+        """
+        by_fd = {(c.pid, c.fd): c for c in current if c.fd >= 0}
+        fixed = 0
+        for key, conn in list(self._open.items()):
+            if conn.direction is Direction.PREEXISTING or conn.fd < 0 or conn.fd_closed:
+                continue
+            seen = by_fd.get((conn.pid, conn.fd))
+            if seen is None or (seen.lport, seen.rport) != (conn.lport, conn.rport):
+                continue
+            if seen.state is not conn.state:
+                self._open[key] = dataclasses.replace(conn, state=seen.state)
+                fixed += 1
+        self.counters["states_corrected"] += fixed
+        return fixed
 
     # -- internals -------------------------------------------------------
     def _from_record(self, rec: SocketRecord) -> Connection:

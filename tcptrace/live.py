@@ -11,6 +11,7 @@ summary once the screen is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import statistics
@@ -169,25 +170,28 @@ def render(
     )
 
     table = Table(expand=True, show_edge=False, pad_edge=False)
-    table.add_column("call site (innermost first)", overflow="ellipsis", no_wrap=True, ratio=4)
+    table.add_column(
+        "call site (innermost first)", overflow="ellipsis", no_wrap=True, ratio=3, min_width=20
+    )
     table.add_column("pid", overflow="ellipsis", no_wrap=True)
     table.add_column("open", justify="right")
     table.add_column("flagged", justify="right")
     table.add_column("oldest", justify="right")
     table.add_column("median", justify="right")
     table.add_column("growth", justify="right")
-    table.add_column("states", overflow="ellipsis", no_wrap=True, ratio=2)
+    table.add_column("states", overflow="ellipsis", no_wrap=True, ratio=2, min_width=14)
     for row in rows[:max_rows]:
         pids = " ".join(str(p) for p in row.pids[:3]) + (" +" if len(row.pids) > 3 else "")
+        # Text, never str: rich would read "[...]" in a frame or a path as markup.
         table.add_row(
-            row.label,
-            pids,
-            str(row.open_count),
+            Text(row.label),
+            Text(pids),
+            Text(str(row.open_count)),
             Text(str(row.flagged), style="bold red" if row.flagged else ""),
-            format_duration(row.oldest_s),
-            format_duration(row.median_s),
+            Text(format_duration(row.oldest_s)),
+            Text(format_duration(row.median_s)),
             _rate(row.growth_per_min),
-            _states(row.states),
+            Text(_states(row.states)),
         )
     parts: list[RenderableType] = [head, hint, Text(""), table]
     if len(rows) > max_rows:
@@ -245,13 +249,17 @@ class LiveView:
         self._closing.set()
         if self._thread is not None:
             self._thread.join(2.0)
+        # The terminal may be gone (SIGHUP): restoring it then fails, and must not
+        # turn a trace whose report is written into an error.
         with self._lock:
             if self._live is not None:
-                self._live.stop()  # leaves the alternate screen, shows the cursor
+                with contextlib.suppress(OSError):
+                    self._live.stop()  # leaves the alternate screen, shows the cursor
                 self._live = None
         fd = self._stdin_tty()
         if self._saved_tty is not None and fd is not None:
-            termios.tcsetattr(fd, termios.TCSADRAIN, self._saved_tty)
+            with contextlib.suppress(OSError, termios.error):
+                termios.tcsetattr(fd, termios.TCSADRAIN, self._saved_tty)
 
     def _stdin_tty(self) -> int | None:
         try:
@@ -276,7 +284,10 @@ class LiveView:
             return
         tick, rows = self._last
         if self._live is None:
-            console = Console(file=self._stream)
+            # Follow the real terminal size as it changes (like top): an exported
+            # COLUMNS/LINES would pin rich to a size the window may no longer have.
+            environ = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+            console = Console(file=self._stream, _environ=environ)
             self._live = Live(
                 console=console,
                 screen=True,

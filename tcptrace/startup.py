@@ -16,17 +16,12 @@ in front of a user on a production host:
    compile yields `NotAttached`, a capture that saw nothing: the tracer then
    writes a complete report (the sockets open before tracing, from the
    snapshot) with a loss counter that says the probes never ran.
-3. Signals that arrive before the tracer installs its own handlers: the CLI
-   installs a `SignalLatch` first thing, which remembers the signal and hands
-   it to the trace's stop flag once that exists.
-
-This module stays light (no bcc, pandas or numpy at import): the CLI imports it
-before anything heavy so that the latch is in place early.
+Signals that arrive before the tracer installs its own handlers are caught by
+tcptrace.interrupts.SignalLatch and handed to the trace's stop flag.
 """
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 import time
@@ -34,7 +29,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import numpy as np
@@ -53,7 +47,6 @@ from tcptrace.system import (
 if TYPE_CHECKING:
     from tcptrace.probes import Capture, CaptureConfig
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Loss counter of a trace stopped before its probes were attached: whatever the
 # report holds came from the start-up snapshot, not from tracing.
 NOT_ATTACHED_COUNTER = "probes_not_attached"
@@ -79,46 +72,6 @@ class OptionsLike(Protocol):
 
     @property
     def force(self) -> bool: ...
-
-
-# -- signals before the tracer is ready ----------------------------------------
-
-
-class SignalLatch:
-    """SIGINT/SIGTERM handlers that only remember, until a stop callback exists.
-
-    Installed by the CLI before it imports the tracer (pandas, numpy, bcc: most
-    of a second), so a Ctrl-C during those imports is not a KeyboardInterrupt
-    traceback but a request to stop that the trace honours as soon as it starts.
-    """
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._forward: Callable[[str], None] | None = None
-        self._old: dict[signal.Signals, Any] = {}
-
-    def install(self) -> SignalLatch:
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
-        return self
-
-    def _handler(self, signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self.signal_name is None:
-            self.signal_name = name
-        if self._forward is not None:
-            self._forward(name)
-
-    def forward_to(self, callback: Callable[[str], None]) -> None:
-        """From now on hand signals to `callback`, starting with one already received."""
-        self._forward = callback
-        if self.signal_name is not None:
-            callback(self.signal_name)
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        self._old = {}
 
 
 # -- the progress line ----------------------------------------------------------
@@ -163,8 +116,9 @@ class Progress:
             self._line(f"tcptrace: still {self._what}... {elapsed:.0f}s")
 
     def end(self, outcome: str) -> float:
+        """Finish the line with `outcome`, which may use {elapsed} (seconds, 2 decimals)."""
         elapsed = time.monotonic() - self._t0
-        text = f"tcptrace: {self._what}: {outcome} in {elapsed:.2f}s"
+        text = "tcptrace: " + outcome.format(elapsed=f"{elapsed:.2f}s")
         if self._tty:
             self._draw(text)
             self._write("\n")
@@ -176,10 +130,10 @@ class Progress:
     def phase(self, what: str) -> Iterator[None]:
         """begin/end around a block; the outcome says how the block left."""
         self.begin(what)
-        outcome = "failed"
+        outcome = f"{what}: failed after {{elapsed}}"
         try:
             yield
-            outcome = "done"
+            outcome = f"{what}: done in {{elapsed}}"
         finally:
             self.end(outcome)
 
@@ -242,6 +196,9 @@ class NotAttached:
         return None
 
     def remove_target(self, pid: int) -> None:
+        return None
+
+    def forget_process(self, pid: int) -> None:
         return None
 
     def stack_addresses(self, stack_id: int) -> list[int]:
@@ -349,13 +306,13 @@ class Preflight:
         while not job.done.wait(0.1):
             progress.tick()
             if stop.is_set():
-                progress.end("interrupted, finishing the compile to unload it")
+                progress.end("stop requested after {elapsed} of compiling; writing the report")
                 return NotAttached(job)
         if job.error is not None:
-            progress.end("failed")
+            progress.end("compiling and loading BPF programs failed after {elapsed}")
             self.discard_output_dir()
             raise job.error
-        progress.end("attached")
+        progress.end("BPF programs compiled, loaded and attached in {elapsed}")
         # Even if a stop came in the last instant this is a real capture: the
         # tracer's loop will not run, and its final pass drains what arrived.
         assert job.capture is not None
@@ -434,3 +391,25 @@ def fd_counts(pids: Iterable[int], watch: ProcessWatch) -> dict[str, int | None]
     from tcptrace.system import open_fd_count
 
     return {str(p): open_fd_count(p) if watch.alive(p) else None for p in pids}
+
+
+class StateLedger(Protocol):
+    def correct_states(self, current: Iterable[Any]) -> int: ...
+
+
+def correct_states_from_diag(
+    ledger: StateLedger, pids: Iterable[int], is_target: Callable[[int], bool]
+) -> int:
+    """One sock_diag dump of the targets' sockets, to fix states the kernel missed.
+
+    Costs a dump of every TCP socket on the host (~20 us each), so the tracer
+    does it once, at the end, and only when the kernel counted missed runs.
+    """
+    from tcptrace import snapshot
+
+    alive = tuple(p for p in pids if is_target(p))
+    if not alive:
+        return 0
+    current = snapshot.preexisting_connections(alive, time.time(), missing_ok=True)
+    return ledger.correct_states(current)
+

@@ -53,21 +53,28 @@ def kernel_release() -> str:
     return platform.release()
 
 
-def effective_caps() -> int:
+def effective_caps() -> int | None:
+    """CapEff of this process (None when /proc/self/status cannot tell)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("CapEff:"):
                 return int(line.split()[1], 16)
-    except OSError:
+    except (OSError, ValueError):
         pass
-    return 0
+    return None
 
 
 def can_trace() -> bool:
-    """Root, or CAP_BPF + CAP_PERFMON (CAP_SYS_ADMIN covers both on older kernels)."""
-    if os.geteuid() == 0:
-        return True
-    caps = effective_caps()
+    """CAP_SYS_ADMIN, or CAP_BPF + CAP_PERFMON, in the effective set.
+
+    issue 7: judged by capabilities, not by uid, because root is not always
+    privileged: a container or a systemd unit may run uid 0 with every
+    capability dropped, and then loading BPF fails with EPERM deep in bcc.
+    """
+    found = effective_caps()
+    if found is None:
+        return os.geteuid() == 0
+    caps = found
 
     def has(bit: int) -> bool:
         return bool(caps & (1 << bit))
@@ -77,6 +84,13 @@ def can_trace() -> bool:
 
 def require_privileges() -> None:
     if not can_trace():
+        if os.geteuid() == 0:  # issue 7: root without the capabilities
+            raise PermissionProblem(
+                "tracing needs CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN), and this root"
+                " process has neither",
+                "grant them; containers and systemd units may drop them,"
+                " e.g. docker run --cap-add BPF --cap-add PERFMON",
+            )
         raise PermissionProblem("tracing needs root or CAP_BPF + CAP_PERFMON", "run it with sudo")
 
 

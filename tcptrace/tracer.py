@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -42,6 +42,7 @@ from tcptrace.sockets import Connection
 from tcptrace.startup import (  # issue 7: checks, interruptible compile, targets
     NotAttached,
     Progress,
+    correct_states_from_diag,
     fd_counts,
     preflight,
     surviving_targets,
@@ -137,7 +138,9 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
 
     def say(message: str) -> None:
         if not options.quiet:
-            print(message, file=out, flush=True)
+            # issue 7: a closed terminal or pipe (SIGHUP, `| head`) must not cost the report.
+            with suppress(OSError, ValueError):
+                print(message, file=out, flush=True)
 
     # issue 7: every check in order, each its own exit code; BTF read once, here.
     pre = preflight(options)
@@ -201,6 +204,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         next_pre += options.preexisting_interval_s
         next_sample = time.monotonic() + options.sample_interval_s
         live = set(options.pids)
+        retired: set[int] = set()  # exited pids already dropped from the kernel's targets
         while not stop.is_set():
             stop.event.wait(options.poll_interval_s)
             consume()
@@ -212,8 +216,10 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
                 next_scan = now_m + max(options.scan_interval_s, 20 * scan_cost)
                 # issue 7: by start time, so a reused pid is not a live target
                 live = surviving_targets(live | ledger.pids(), pre.watch, ledger)
-                for pid in list(ledger.exited()):
+                for pid in ledger.exited() - retired:  # issue 7: once per pid
                     cap.remove_target(pid)
+                    cap.forget_process(pid)  # issue 7: bcc's per-pid symbol cache
+                    retired.add(pid)
                 if not live:
                     stop.set("all traced processes exited")
                 if options.on_tick is not None:  # issue 7: live view
@@ -245,6 +251,8 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         consume()
         _refresh_preexisting(ledger, options.pids, pre.watch.alive)
         final_stats = cap.stats()
+        if final_stats.get("probe_recursion_misses"):  # issue 7: stale states, fixed once
+            correct_states_from_diag(ledger, {*options.pids, *ledger.pids()}, pre.watch.alive)
         losses = _losses(ledger, final_stats, symbolizer.counters)
         activity = _activity(final_stats, ledger)
 
