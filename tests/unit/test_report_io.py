@@ -26,32 +26,13 @@ from tcptrace.report import (
 )
 from tcptrace.report.schema import connections_frame, open_sockets_frame
 from tcptrace.sockets import CloseCause, Connection, StackStatus
+from tests.unit.connection_factory import NOW, make_connection
 
-NOW = 1_700_000_100.0
 THRESHOLD = 30.0
 
 
 def make_conn(**overrides: Any) -> Connection:
-    fields: dict[str, Any] = {
-        "key": 1,
-        "pid": 100,
-        "tid": 101,
-        "comm": "app",
-        "fd": 7,
-        "family": "ipv4",
-        "laddr": "10.0.0.1",
-        "lport": 40000,
-        "raddr": "10.0.0.2",
-        "rport": 443,
-        "state": TcpState.ESTABLISHED,
-        "direction": Direction.CONNECT,
-        "opened_at": NOW - 60.0,
-        "first_seen": NOW - 60.0,
-        "stack": ("main", "handler", "connect"),
-        "stack_status": StackStatus.OK,
-    }
-    fields.update(overrides)
-    return Connection(**fields)
+    return make_connection(**overrides)
 
 
 def sample_connections() -> list[Connection]:

@@ -15,8 +15,8 @@ from tcptrace.report.summary import (
     top_frames,
 )
 from tcptrace.sockets import CloseCause, Connection, LeakClass, StackStatus
+from tests.unit.connection_factory import NOW, make_connection
 
-NOW = 1_700_000_100.0
 THRESHOLD = 30.0
 LOSSES = {"events_dropped": 0, "map_full": 0, "ustack_failed": 0}
 
@@ -27,26 +27,7 @@ _keys = iter(range(1, 1_000_000))
 
 
 def make_conn(**overrides: Any) -> Connection:
-    fields: dict[str, Any] = {
-        "key": next(_keys),
-        "pid": 100,
-        "tid": 101,
-        "comm": "app",
-        "fd": 7,
-        "family": "ipv4",
-        "laddr": "10.0.0.1",
-        "lport": 40000,
-        "raddr": "10.0.0.2",
-        "rport": 443,
-        "state": TcpState.ESTABLISHED,
-        "direction": Direction.CONNECT,
-        "opened_at": NOW - 60.0,
-        "first_seen": NOW - 60.0,
-        "stack": LEAKY,
-        "stack_status": StackStatus.OK,
-    }
-    fields.update(overrides)
-    return Connection(**fields)
+    return make_connection(**{"key": next(_keys), "stack": LEAKY, **overrides})
 
 
 def aged(seconds: float, **overrides: Any) -> Connection:
