@@ -425,8 +425,14 @@ def check_truth(rows: list[dict[str, Any]], truth: Truth, probe_set: str) -> Non
         closer_port,
         truth.port,
     ), (where, c)
-    assert c["fd_closed_by_app"] and c["close_cause"] == "app", (where, c)
-    assert c["final_state"] == "CLOSE" and c["open_state"] is None, (where, c)
+    assert c["fd_closed_by_app"], (where, c)
+    if c["open_state"] is None:
+        # Destroyed: the FIN's ACK came after close() orphaned it (timewait took over).
+        assert c["close_cause"] == "app" and c["final_state"] == "CLOSE", (where, c)
+    else:
+        # The ACK came inside close(), before the orphaning (seen under emulation):
+        # the kernel keeps an orphaned FIN_WAIT2 socket until tcp_fin_timeout.
+        assert (c["open_state"], c["leak_class"]) == ("FIN_WAIT2", "orphan"), (where, c)
     assert "dial_one" in (c["stack"] or ""), (where, c)
 
     refused = by_pid.get(pids["refused"], [])
