@@ -428,3 +428,36 @@ def _seen_text(s: Mapping[str, Any]) -> str:
         seen = s.get("tool_seen")
         return "n/a" if seen is None else f"<= {seen:,.0f} per poll"
     return "-"
+
+
+# -- in-kernel cost per program (--bpf-stats) -------------------------------------
+
+
+def bpf_cost_table(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Medians over the tcptrace runs of each rate: per program, runs per connection,
+    ns per run and ns per connection, and the sum over programs."""
+    by_rate: dict[float, list[Mapping[str, Any]]] = {}
+    for run in runs:
+        if run.get("ok") and run.get("variant") == "tcptrace" and run.get("bpf_cost"):
+            by_rate.setdefault(float(run["rate_target"]), []).append(run["bpf_cost"])
+    headers = ["rate", "program", "runs", "runs/conn", "ns/run", "ns/conn"]
+    rows: list[list[str]] = []
+    for rate in sorted(by_rate, key=lambda r: (r == 0, r)):
+        costs = by_rate[rate]
+        names = sorted({name for cost in costs for name in cost})
+        total: list[float] = [sum(c["ns_per_conn"] for c in cost.values()) for cost in costs]
+        for name in names:
+            values = [cost[name] for cost in costs if name in cost]
+            rows.append(
+                [
+                    rate_label(rate),
+                    name,
+                    str(len(values)),
+                    fmt_num(median(v["runs_per_conn"] for v in values), 2),
+                    fmt_num(median(v["ns_per_run"] for v in values)),
+                    fmt_num(median(v["ns_per_conn"] for v in values)),
+                ]
+            )
+        rows.append([rate_label(rate), "**all programs**", str(len(costs)), "", "",
+                     fmt_num(median(total))])
+    return markdown_table(headers, rows) if rows else ""

@@ -7,6 +7,8 @@
  * stats, events), the helpers that build and track records, and the probes
  * that exist on every kernel tcptrace supports and mean the same in both sets:
  *   syscalls:sys_enter_connect/listen   fd of the connect()/listen() now running
+ *                                       (only where the syscall's saved registers
+ *                                       cannot be read: see resolve_pending_fd)
  *   syscalls:sys_enter_close            TT_FLAG_FD_CLOSED
  *   syscalls:sys_enter_close_range      TT_KIND_CLOSE_RANGE
  *   sched:sched_process_exit            TT_KIND_EXIT
@@ -74,8 +76,10 @@ BPF_HASH(targets, u32, u8, TT_MAX_TARGETS);
  * socket's record. Without preallocation a deleted element is freed only after
  * an RCU grace period. Memory also grows with use instead of up front. */
 BPF_F_TABLE("hash", u64, struct tt_record, socks, TT_MAX_SOCKS, BPF_F_NO_PREALLOC);
+#if TT_OFF_REGS_ARG1 < 0
 /* tid -> fd passed to the connect()/listen() now running on that thread */
 BPF_TABLE("lru_hash", u32, s32, pending_fd, 4096);
+#endif
 BPF_STACK_TRACE(stacks, TT_STACKS);
 BPF_PERCPU_ARRAY(stats, u64, TT_STAT__COUNT);
 BPF_RINGBUF_OUTPUT(events, TT_RINGBUF_PAGES);
@@ -278,13 +282,42 @@ static __always_inline void track_birth(struct tt_record *r)
 	}
 	struct tt_site site = {.tgid = r->tgid, .user_stack_id = r->user_stack_id};
 	u8 one = 1;
-	if (announced_sites.insert(&site, &one) == 0)
+	/* Look before inserting: an LRU insert of a key already there still takes
+	 * a node from the free list and the LRU locks, on every birth. */
+	if (!announced_sites.lookup(&site) && announced_sites.insert(&site, &one) == 0)
 		announce = 1;
 	stat_inc(TT_STAT_BIRTHS);
 	if (announce)
 		emit(r);
 }
 
+#if TT_OFF_REGS_ARG1 >= 0
+#define TT_NR_CONNECT 42
+#define TT_NR_SENDTO 44
+#define TT_NR_SENDMSG 46
+#define TT_NR_LISTEN 50
+/* Connect/listen births: the fd is the first argument of the syscall this thread
+ * is in (connect, listen, or sendto/sendmsg for TCP fast open), read from its
+ * saved user registers (x86-64, Linux 5.15+; offsets from BTF). This replaced
+ * the syscalls:sys_enter_connect/listen tracepoints, which cost every connect()
+ * ~0.4 us (issue 6). Still confirm that the fd holds this sock: an MPTCP
+ * subflow, for one, is born inside connect() on another socket's fd. */
+static __always_inline void resolve_pending_fd(struct tt_record *r)
+{
+	void *regs = (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	u64 nr = ~0ULL, arg1 = 0;
+	bpf_probe_read_kernel(&nr, sizeof(nr), regs + TT_OFF_REGS_SYSCALL_NR);
+	bpf_probe_read_kernel(&arg1, sizeof(arg1), regs + TT_OFF_REGS_ARG1);
+	r->fd = -1;
+	if ((nr == TT_NR_CONNECT || nr == TT_NR_LISTEN || nr == TT_NR_SENDTO ||
+	     nr == TT_NR_SENDMSG) && sock_of_fd((s32)arg1) == r->sk)
+		r->fd = (s32)arg1;
+	if (r->fd < 0) {
+		r->flags |= TT_FLAG_FD_UNKNOWN;
+		stat_inc(TT_STAT_FD_UNRESOLVED);
+	}
+}
+#else
 /* Connect/listen births: the fd comes from the connect()/listen() entry on this
  * thread; confirm it really holds this sock (TCP fast open, for one, births in
  * sendto(), whose fd was never remembered). */
@@ -300,6 +333,7 @@ static __always_inline void resolve_pending_fd(struct tt_record *r)
 		stat_inc(TT_STAT_FD_UNRESOLVED);
 	}
 }
+#endif
 
 /* An accepted socket, at accept()'s return in the accepting thread: the caller
  * (each set its own way) found the sock `sk` behind the new `fd`. */
@@ -354,6 +388,7 @@ RAW_TRACEPOINT_PROBE(tcp_destroy_sock)
 	return 0;
 }
 
+#if TT_OFF_REGS_ARG1 < 0
 static __always_inline void remember_fd(s32 fd)
 {
 	u64 id = bpf_get_current_pid_tgid();
@@ -374,6 +409,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_listen)
 	remember_fd((s32)args->fd);
 	return 0;
 }
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {

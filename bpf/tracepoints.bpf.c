@@ -33,9 +33,10 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 	int newstate = (int)ctx->args[2];
 	int is_birth = oldstate == TT_TCP_CLOSE &&
 		       (newstate == TT_TCP_SYN_SENT || newstate == TT_TCP_LISTEN);
-	u64 now = bpf_ktime_get_ns();
-
 	struct tt_record *cur = socks.lookup(&sk);
+	if (!cur && !is_birth)
+		return 0; /* not ours: the common case on a busy host, kept cheap */
+	u64 now = bpf_ktime_get_ns();
 	if (cur && !is_birth) {
 		/* Never trust `current` here: this may be softirq. Update by address. */
 		cur->state = newstate;
@@ -45,8 +46,6 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 			cur->flags |= TT_FLAG_TCP_CLOSED;
 		return 0;
 	}
-	if (!is_birth)
-		return 0;
 	/* Births run inside connect() or listen(): process context. */
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (!is_target(tgid) || sk_protocol(sk) != TT_IPPROTO_TCP)

@@ -393,6 +393,11 @@ class KernelOffsets:
     TT_SIZE_SK_STATE: int
     TT_SIZE_SK_PROTOCOL: int
     TT_SIZE_SK_TYPE: int
+    # Where the saved user registers of a syscall hold its number and first argument
+    # (x86-64 pt_regs.orig_ax and .di), or -1 where tcptrace does not use them: the
+    # BPF side then learns connect()/listen() fds from syscall tracepoints instead.
+    TT_OFF_REGS_SYSCALL_NR: int = -1
+    TT_OFF_REGS_ARG1: int = -1
 
     def as_dict(self) -> dict[str, int]:
         """Macro name -> value, in declaration order."""
@@ -460,4 +465,38 @@ def kernel_offsets(btf: KernelBtf | None = None) -> KernelOffsets:
                 "not a scalar tcptrace can read"
             )
         values[macro] = m.size
+    values.update(syscall_register_offsets(btf))
     return KernelOffsets(**values)
+
+
+# x86-64 only: elsewhere the register names differ, and nothing here was verified.
+_SYSCALL_REGISTERS = {"x86_64": ("orig_ax", "di")}
+# bpf_get_current_task_btf (5.11) and bpf_task_pt_regs (5.15) read them.
+_TASK_PT_REGS_SINCE = (5, 15)
+
+
+def syscall_register_offsets(
+    btf: KernelBtf, machine: str | None = None, release: str | None = None
+) -> dict[str, int]:
+    """TT_OFF_REGS_* where this kernel lets BPF read a syscall's saved registers,
+    else {} (the defaults, -1, select the syscall tracepoints)."""
+    import platform
+
+    names = _SYSCALL_REGISTERS.get(machine or platform.machine())
+    if names is None or _release_tuple(release or platform.release()) < _TASK_PT_REGS_SINCE:
+        return {}
+    try:
+        nr, arg1 = (btf.member("pt_regs", name) for name in names)
+    except BtfError:
+        return {}
+    if nr.size != 8 or arg1.size != 8:
+        return {}
+    return {"TT_OFF_REGS_SYSCALL_NR": nr.offset, "TT_OFF_REGS_ARG1": arg1.offset}
+
+
+def _release_tuple(release: str) -> tuple[int, int]:
+    parts = release.split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)

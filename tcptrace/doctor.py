@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 
@@ -26,16 +27,8 @@ class Check:
 
 
 def run_checks() -> list[Check]:
-    checks: list[Check] = []
-    privileged = system.can_trace()
-    checks.append(
-        Check(
-            "privileges",
-            privileged,
-            "root or CAP_BPF+CAP_PERFMON" if privileged else "not root, no CAP_BPF+CAP_PERFMON",
-            "run with sudo",
-        )
-    )
+    privileges = _privileges_check()
+    checks: list[Check] = [privileges]
     release = system.kernel_release()
     major_minor = tuple(int(x) for x in release.split(".")[:2] if x.isdigit())
     new_enough = major_minor >= (5, 8)  # BPF ring buffer
@@ -108,7 +101,7 @@ def run_checks() -> list[Check]:
             "scripts/setup installs and wires them",
         )
     )
-    bcc_check = _bcc_check(privileged)
+    bcc_check = _bcc_check(privileges.ok)
     checks.append(bcc_check)
     if bcc_check.ok:
         checks.append(_live_check())
@@ -118,6 +111,22 @@ def run_checks() -> list[Check]:
     except TcptraceError as exc:
         checks.append(Check("probe set (auto)", False, exc.message, exc.hint))
     return checks
+
+
+def _privileges_check() -> Check:
+    """issue 7: judged by the effective capabilities, as the trace itself does."""
+    missing = system.missing_capabilities()
+    fix = "run with sudo, or grant " + system.NEEDED_CAPS
+    if missing:
+        return Check("privileges", False, "lacks " + ", ".join(missing), fix)
+    uid = os.geteuid()
+    if uid == 0:
+        return Check("privileges", True, "root or CAP_BPF+CAP_PERFMON")
+    held = system.held_capabilities()
+    detail = f"uid {uid} with " + ", ".join(held)
+    if "CAP_SYS_PTRACE" not in held:
+        detail += f" (no CAP_SYS_PTRACE: only processes of uid {uid} can be traced)"
+    return Check("privileges", True, detail)
 
 
 def _btf_offsets() -> tuple[bool, str]:

@@ -24,7 +24,7 @@ class UsageError(TcptraceError):
 
 
 class PermissionProblem(TcptraceError):
-    """Not root and without CAP_BPF + CAP_PERFMON."""
+    """Without the capabilities tracing needs (CAP_BPF + CAP_PERFMON, ...): see system.py."""
 
     exit_code = 3
 
@@ -82,12 +82,19 @@ class ReportRescued(ReportError):
     exit_code = 11
 
 
+class TraceInternalError(TcptraceError):
+    """A bug hit during the trace: the report of what was traced until then was
+    written anyway, and the traceback saved to a file next to it."""
+
+    exit_code = 12
+
+
 # Documented in `tcptrace --help` and the README; a unit test keeps them distinct.
 EXIT_CODES: tuple[tuple[int, str], ...] = (
     (0, "the trace ran and the report was written"),
     (INTERNAL_ERROR_EXIT, "internal error (a bug: the traceback is saved to a file)"),
     (UsageError.exit_code, "bad option value"),
-    (PermissionProblem.exit_code, "not root and without CAP_BPF + CAP_PERFMON"),
+    (PermissionProblem.exit_code, "not root, nor the capabilities tracing needs (README)"),
     (TargetError.exit_code, "no such process (or a thread id)"),
     (KernelSupportError.exit_code, "no usable probe set on this kernel"),
     (ReportError.exit_code, "report directory not writable"),
@@ -96,5 +103,6 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (OutputDirNotEmpty.exit_code, "report directory not empty (use --force)"),
     (OutputDirFull.exit_code, "no space left for the report"),
     (ReportRescued.exit_code, "report written to a fallback directory instead"),
+    (TraceInternalError.exit_code, "internal error during the trace; report and traceback written"),
 )
 # --- end issue 7

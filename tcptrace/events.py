@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -141,6 +142,9 @@ RECORD_SIZE = ctypes.sizeof(RawSocketRecord)
 RECORD_DTYPE = np.dtype(RawSocketRecord)
 
 
+# Cached: a host talks to few addresses, and 100k open sockets would otherwise
+# hold 200k copies of the same few strings (~11 MB, issue 6).
+@functools.lru_cache(maxsize=65536)
 def format_address(family: int, raw: bytes) -> str:
     """Text form of an address as the kernel stores it (network order)."""
     if family == socket.AF_INET:
@@ -148,6 +152,11 @@ def format_address(family: int, raw: bytes) -> str:
     if family == socket.AF_INET6:
         return str(ipaddress.IPv6Address(raw[:16]))
     return ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _comm_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
 
 
 _FAMILY_NAMES: dict[int, str] = {int(socket.AF_INET): "ipv4", int(socket.AF_INET6): "ipv6"}
@@ -233,7 +242,7 @@ class SocketRecord:
             sk=raw.sk,
             tgid=raw.tgid,
             tid=raw.tid,
-            comm=raw.comm.decode("utf-8", "replace"),
+            comm=_comm_text(raw.comm),
             fd=raw.fd,
             family=raw.family,
             laddr=format_address(raw.family, bytes(raw.laddr)) if has_socket else "",

@@ -9,7 +9,9 @@ a long trace is not possible, so this module:
 - turns a batch of death records into report rows column by column,
 - appends them to `connections` part files (Parquet row groups, CSV lines) in
   the report directory as it goes, so memory stays flat; `finish()` renames
-  the parts into place (each file whole or absent).
+  the parts into place (each file whole or absent),
+- and when the disk refuses a batch, counts its rows as lost and goes on
+  (issue 7); `copy_to()` re-homes the history when the report is rescued.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from tcptrace.events import RECORD_DTYPE, Direction, RecordFlag, RecordKind, TcpState
-from tcptrace.report.schema import CONNECTIONS, dtypes
+from tcptrace.report.schema import CONNECTIONS, conform, dtypes, to_frame
 from tcptrace.sockets import StackStatus
 
 _STATE_NAMES = np.array(
@@ -214,6 +217,13 @@ class ConnectionHistory:
     pyarrow releases the GIL while it encodes and writes, so the trace loop
     keeps draining the ring buffer meanwhile. Memory stays bounded by the
     buffer (and at most two batches in flight) whatever the length of the trace.
+
+    issue 7: a batch that cannot be written (ENOSPC, EIO, ...) never stops the
+    trace. Its rows are dropped and counted (`unwritten`, the loss counter
+    `history_rows_unwritten`); the CSV part is cut back to its last whole batch,
+    so it always holds exactly the rows written; a Parquet part a failed write
+    touched is given up (deleted, freeing its space) and rebuilt from the CSV at
+    the end. Later batches are tried again: a disk that got space back takes them.
     """
 
     def __init__(self, directory: Path, flush_rows: int = 20_000) -> None:
@@ -221,18 +231,33 @@ class ConnectionHistory:
 
         self.directory = directory
         self.flush_rows = flush_rows
-        self.rows = 0
+        self.rows = 0  # rows held: written to the parts, buffered or in flight
+        self.unwritten = 0  # rows dropped because their batch could not be written
+        self.write_error: str | None = None  # the first such failure, one line
         self._pending: list[pd.DataFrame] = []
         self._pending_rows = 0
         self._csv_part = directory / "connections.csv.part"
         self._parquet_part = directory / "connections.parquet.part"
+        # Whole batches in the CSV part (bytes, rows); changed by the writer thread only
+        # while a batch is in flight, read by the caller only after waiting for it.
+        self._csv_size = 0
+        self._csv_rows = 0
+        # The batches streamed during the trace (bytes, rows), without finish's final
+        # rows, and where they are: a copy_to after finish must not repeat those.
+        self._streamed: tuple[int, int] | None = None
+        self._csv_data = self._csv_part
         self._parquet_writer: Any = None
+        self._parquet_lost = False
         self._schema: Any = None
-        self._csv_started = False
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tcptrace-history")
-        self._in_flight: Future[None] | None = None
+        self._in_flight: tuple[Future[None], int] | None = None
         for part in (self._csv_part, self._parquet_part):
             part.unlink(missing_ok=True)
+
+    @property
+    def losses(self) -> dict[str, int]:
+        """Loss counters of the history, for the terminal and meta.json."""
+        return {"history_rows_unwritten": self.unwritten}
 
     def append(self, frame: pd.DataFrame) -> None:
         if frame.empty:
@@ -247,55 +272,240 @@ class ConnectionHistory:
         """Hand the buffered rows to the writer thread (waits for the previous batch)."""
         if not self._pending:
             return
+        self._wait()  # one batch in flight: bounded memory, ordered parts
+        frame = self._take_pending()
+        self._in_flight = (self._writer.submit(self._write, frame), len(frame))
+
+    def sync(self) -> None:
+        """Write every buffered row now and wait; afterwards `unwritten` is final
+        until `finish` (whose own failure raises instead of dropping rows)."""
+        self.flush()
+        self._wait()
+
+    def _take_pending(self) -> pd.DataFrame:
         frame = pd.concat(self._pending, ignore_index=True)
         self._pending, self._pending_rows = [], 0
-        self._wait()  # one batch in flight: bounded memory, ordered parts
-        self._in_flight = self._writer.submit(self._write, frame)
+        return frame
 
     def _wait(self) -> None:
-        if self._in_flight is not None:
-            future, self._in_flight = self._in_flight, None
-            future.result()  # re-raises a write error (e.g. ENOSPC) here
+        if self._in_flight is None:
+            return
+        (future, count), self._in_flight = self._in_flight, None
+        try:
+            future.result()
+        except OSError as exc:  # the disk, not a bug: count the rows, trace on
+            self._lost(count, exc)
+        except BaseException as exc:  # a bug: the parts are consistent, say so upstream
+            self._lost(count, exc)
+            raise
+
+    def _lost(self, count: int, exc: BaseException) -> None:
+        self.rows -= count
+        self.unwritten += count
+        if self.write_error is None:
+            self.write_error = _one_line(exc)
 
     def _write(self, frame: pd.DataFrame) -> None:
+        """Append one batch to both parts, or leave both as they were (raising)."""
+        start = self._csv_size
+        data = csv_bytes(frame, header=start == 0)
+        try:
+            fd = os.open(self._csv_part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "ab") as fh:
+                if os.fstat(fd).st_size != start:  # an earlier cut-back failed
+                    os.ftruncate(fd, start)
+                fh.write(data)
+        except BaseException:
+            self._cut_csv(start)
+            raise
+        # CSV first: the larger file meets a full disk first, and its failure leaves
+        # the Parquet part untouched. A failed Parquet write cannot be undone.
+        try:
+            if not self._parquet_lost:
+                self._write_parquet(frame)
+        except BaseException:
+            self._cut_csv(start)
+            self._give_up_parquet()
+            raise
+        self._csv_size = start + len(data)
+        self._csv_rows += len(frame)
+
+    def _write_parquet(self, frame: pd.DataFrame) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from tcptrace.report.schema import SCHEMA_VERSION
-        from tcptrace.report.writers import PARQUET_TABLE_KEY, PARQUET_VERSION_KEY
-
         table = pa.Table.from_pandas(frame, preserve_index=False)
         if self._parquet_writer is None:
-            metadata = dict(table.schema.metadata or {})
-            metadata[PARQUET_VERSION_KEY] = str(SCHEMA_VERSION).encode()
-            metadata[PARQUET_TABLE_KEY] = b"connections"
-            self._schema = table.schema.with_metadata(metadata)
+            self._schema = _with_tcptrace_metadata(table.schema)
             self._parquet_part.touch(mode=0o600)
             self._parquet_writer = pq.ParquetWriter(self._parquet_part, self._schema)
         self._parquet_writer.write_table(table.cast(self._schema))
-        if not self._csv_started:
-            self._csv_part.touch(mode=0o600)
-        with open(self._csv_part, "ab") as fh:
-            fh.write(csv_bytes(frame, header=not self._csv_started))
-        self._csv_started = True
+
+    def _cut_csv(self, size: int) -> None:
+        """Back to `size` bytes (the whole batches); truncating needs no free space."""
+        with suppress(OSError):
+            if size == 0:
+                self._csv_part.unlink(missing_ok=True)
+            else:
+                os.truncate(self._csv_part, size)
+
+    def _give_up_parquet(self) -> None:
+        self._parquet_lost = True
+        writer, self._parquet_writer = self._parquet_writer, None
+        if writer is not None:
+            with suppress(Exception):  # its footer may not fit either
+                writer.close()
+        with suppress(OSError):
+            self._parquet_part.unlink(missing_ok=True)
 
     def finish(self, last: pd.DataFrame) -> list[Path]:
-        """Append the final rows (sockets still open), close the parts, rename them."""
-        from tcptrace.fileio import _give_to_invoking_user
+        """Append the final rows (sockets still open), complete the parts, rename them.
 
-        self.append(last)
-        self.flush()
+        Raises ReportError (OutputDirFull for a full disk) if that fails; the parts
+        then hold what they held before, so `copy_to` can still write it all elsewhere.
+        """
+        from tcptrace.fileio import _give_to_invoking_user, _write_error
+
+        try:
+            self.sync()
+            before = (self._csv_size, self._csv_rows)
+            where = self._csv_part  # named in the error
+            try:
+                if not last.empty or self._csv_size == 0:  # an empty table has its header
+                    self._write(last)
+                where = self._parquet_part
+                self._complete_parquet()
+                where = self._csv_part
+                if self._csv_part.stat().st_size != self._csv_size:
+                    os.truncate(self._csv_part, self._csv_size)
+            except BaseException as exc:
+                self._cut_csv(before[0])
+                self._csv_size, self._csv_rows = before
+                if isinstance(exc, OSError):
+                    raise _write_error(exc, where) from exc
+                raise
+            self._streamed = before
+            done = []
+            for part in (self._csv_part, self._parquet_part):
+                final = part.with_suffix("")
+                _give_to_invoking_user(part)
+                os.replace(part, final)
+                if part == self._csv_part:
+                    self._csv_data = final
+                done.append(final)
+            self.rows = self._csv_rows
+            return done
+        finally:
+            self.close()
+
+    def _complete_parquet(self) -> None:
+        """Close the streamed Parquet part, or rebuild it from the CSV part if lost."""
+        if not self._parquet_lost and self._parquet_writer is not None:
+            writer, self._parquet_writer = self._parquet_writer, None
+            try:
+                writer.close()
+            except BaseException:
+                self._give_up_parquet()
+                raise
+            return
+        self._parquet_part.unlink(missing_ok=True)
+        try:
+            with open(self._parquet_part, "wb") as sink:
+                os.fchmod(sink.fileno(), 0o600)
+                _csv_to_parquet(self._csv_part, sink)
+        except BaseException:
+            self._parquet_part.unlink(missing_ok=True)
+            raise
+
+    def copy_to(self, directory: Path, last: pd.DataFrame) -> tuple[list[Path], int]:
+        """The whole history (rows written so far, rows still buffered, then `last`)
+        as connections.csv and connections.parquet in another `directory`, each
+        written atomically: how a report is rescued when its own directory failed.
+
+        Returns the files and their row count. Reads and writes in blocks: memory
+        stays bounded however long the history is.
+        """
+        from tcptrace.fileio import atomic_writer
+
         try:
             self._wait()
+            frames = [*self._pending, last]
+            # After a finish that succeeded (a later file of the report failed), the
+            # final rows are in the CSV too: copy the streamed batches only.
+            size = self._csv_size if self._streamed is None else self._streamed[0]
+            csv_path = directory / "connections.csv"
+            with atomic_writer(csv_path) as out:
+                if size:
+                    with open(self._csv_data, "rb") as part:
+                        _copy_bytes(part, out, size)
+                else:
+                    out.write(csv_bytes(to_frame("connections", []), header=True))
+                for frame in frames:
+                    if len(frame):
+                        out.write(csv_bytes(conform("connections", frame), header=False))
+            parquet_path = directory / "connections.parquet"
+            with atomic_writer(parquet_path) as sink:
+                rows = _csv_to_parquet(csv_path, sink)
+            return [csv_path, parquet_path], rows
         finally:
-            self._writer.shutdown(wait=True)
-        if self._parquet_writer is None:
-            return []
-        self._parquet_writer.close()
-        done = []
-        for part in (self._csv_part, self._parquet_part):
-            final = part.with_suffix("")
-            _give_to_invoking_user(part)
-            os.replace(part, final)
-            done.append(final)
-        return done
+            self.close()
+
+    def close(self) -> None:
+        """Stop the writer thread (idempotent). The part files are left as they are."""
+        with suppress(BaseException):
+            self._wait()
+        self._writer.shutdown(wait=True)
+        writer, self._parquet_writer = self._parquet_writer, None
+        if writer is not None:
+            with suppress(Exception):
+                writer.close()
+
+
+def _with_tcptrace_metadata(schema: Any) -> Any:
+    from tcptrace.report.schema import SCHEMA_VERSION
+    from tcptrace.report.writers import PARQUET_TABLE_KEY, PARQUET_VERSION_KEY
+
+    metadata = dict(schema.metadata or {})
+    metadata[PARQUET_VERSION_KEY] = str(SCHEMA_VERSION).encode()
+    metadata[PARQUET_TABLE_KEY] = b"connections"
+    return schema.with_metadata(metadata)
+
+
+def _csv_to_parquet(source: Path, sink: Any) -> int:
+    """Convert a connections CSV (as csv_bytes writes it) to Parquet, block by block."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    schema = _with_tcptrace_metadata(
+        pa.Schema.from_pandas(to_frame("connections", []), preserve_index=False)
+    )
+    convert = pacsv.ConvertOptions(
+        column_types={name: schema.field(name).type for name in schema.names},
+        include_columns=schema.names,
+        strings_can_be_null=False,  # "" is an empty string, as the loader reads it
+    )
+    parse = pacsv.ParseOptions(newlines_in_values=True)  # names are data: may hold "\n"
+    rows = 0
+    with pq.ParquetWriter(sink, schema) as writer:
+        reader = pacsv.open_csv(source, parse_options=parse, convert_options=convert)
+        for batch in reader:
+            writer.write_table(pa.Table.from_batches([batch]).cast(schema))
+            rows += batch.num_rows
+    return rows
+
+
+def _copy_bytes(source: Any, sink: Any, count: int, block: int = 1 << 20) -> None:
+    while count > 0:
+        chunk = source.read(min(block, count))
+        if not chunk:
+            raise OSError(f"{source.name} is shorter than the {count} bytes it should hold")
+        sink.write(chunk)
+        count -= len(chunk)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno:  # pyarrow's strerror is its own sentence
+        return os.strerror(exc.errno)
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

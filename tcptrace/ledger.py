@@ -70,7 +70,7 @@ class Ledger:
         # reused, and a scan can show the next socket at an address before the
         # previous one's death record has been drained.
         self._birth_ns: dict[int, int] = {}
-        self._signature: dict[int, tuple[int, ...]] = {}  # last scanned state/flags/ports
+        self._signature: dict[int, int] = {}  # last scanned state/flags/ports, packed
         # Incarnations replaced at their address, death record still to come.
         self._superseded: dict[tuple[int, int], tuple[Connection, int]] = {}
         self._closed_by_exit: set[tuple[int, int]] = set()  # death record still to come
@@ -79,8 +79,18 @@ class Ledger:
         # Not losses: the kernel streams births only for a call site's first socket,
         # so most sockets are first seen by a scan, or at their death.
         self.activity: Counter[str] = Counter(
-            {"sockets_first_seen_by_scan": 0, "sockets_first_seen_at_death": 0}
+            {
+                "sockets_first_seen_by_scan": 0,
+                "sockets_first_seen_at_death": 0,
+                "snapshot_duplicates_merged": 0,
+            }
         )
+        # (pid, fd) -> key of a socket from the start-up snapshot (keys < 0). The
+        # snapshot runs while the targets work, so it can catch a socket born after
+        # attach whose birth reaches us later (a scan, a record): the same socket
+        # must not be listed twice (issue 6: +10% rows at 100k held sockets).
+        self._preexisting_fds: dict[tuple[int, int], int] = {}
+        self._preexisting_open = 0  # keys < 0 in _open (checked every tick: no scan of 100k)
         self.closed_count = 0
 
     # -- queries ---------------------------------------------------------
@@ -96,7 +106,7 @@ class Ledger:
 
     def has_preexisting(self) -> bool:
         """Whether any socket from the start-up snapshot is still open (keys < 0)."""
-        return any(key < 0 for key in self._open)
+        return self._preexisting_open > 0
 
     def pids(self) -> set[int]:
         return {pid for pid, keys in self._by_pid.items() if keys}
@@ -241,17 +251,22 @@ class Ledger:
         scan of 100k quiet sockets costs little.
         """
         seen: set[int] = set()
+        # What a scan can change, packed in one int per row (one small object per
+        # socket kept between scans, not a tuple: 100k sockets, issue 6).
+        signatures = (
+            scan["state"].astype(np.uint64)
+            | (scan["flags"].astype(np.uint64) << np.uint64(8))
+            | (scan["lport"].astype(np.uint64) << np.uint64(24))
+            | (scan["rport"].astype(np.uint64) << np.uint64(40))
+        )
         columns = zip(
             scan["sk"].tolist(),
             scan["birth_ns"].tolist(),
             scan["tgid"].tolist(),
-            scan["state"].tolist(),
-            scan["flags"].tolist(),
-            scan["lport"].tolist(),
-            scan["rport"].tolist(),
+            signatures.tolist(),
             strict=True,
         )
-        for index, (key, birth_ns, tgid, *signature) in enumerate(columns):
+        for index, (key, birth_ns, tgid, sig) in enumerate(columns):
             seen.add(key)
             conn = self._open.get(key)
             if conn is not None and self._birth_ns.get(key) != birth_ns:
@@ -261,7 +276,6 @@ class Ledger:
                 conn = None
             if conn is None and tgid in self._exited:
                 continue
-            sig = tuple(signature)
             if conn is not None and self._signature.get(key) == sig:
                 continue
             self._signature[key] = sig
@@ -396,15 +410,42 @@ class Ledger:
         )
 
     def _insert(self, conn: Connection, birth_ns: int | None = None) -> None:
+        if conn.key < 0 and conn.key not in self._open:
+            self._preexisting_open += 1
+        if conn.fd >= 0:
+            if conn.key < 0:
+                self._preexisting_fds[(conn.pid, conn.fd)] = conn.key
+            elif self._preexisting_fds:
+                self._merge_snapshot_twin(conn)
         self._open[conn.key] = conn
         self._by_pid.setdefault(conn.pid, set()).add(conn.key)
         if birth_ns is not None:
             self._birth_ns[conn.key] = birth_ns
 
+    def _merge_snapshot_twin(self, conn: Connection) -> None:
+        """A traced socket took the fd of a snapshot socket: the same socket if it
+        was born before the snapshot saw it, else the snapshot's socket was closed
+        and its fd reused."""
+        twin_key = self._preexisting_fds.get((conn.pid, conn.fd))
+        twin = self._open.get(twin_key) if twin_key is not None else None
+        if twin is None or twin_key is None:
+            return
+        self._remove(twin_key)
+        born = conn.opened_at if conn.opened_at is not None else conn.first_seen
+        if born <= twin.first_seen:
+            self.activity["snapshot_duplicates_merged"] += 1
+            return
+        cause = CloseCause.EXIT if twin.pid in self._exited else CloseCause.APP
+        self._emit_closed(dataclasses.replace(twin, fd_closed=True), born, cause, TcpState.CLOSE)
+
     def _remove(self, key: int) -> None:
         self._birth_ns.pop(key, None)
         self._signature.pop(key, None)
         conn = self._open.pop(key)
+        if key < 0:
+            self._preexisting_open -= 1
+        if key < 0 and self._preexisting_fds.get((conn.pid, conn.fd)) == key:
+            del self._preexisting_fds[(conn.pid, conn.fd)]
         keys = self._by_pid.get(conn.pid)
         if keys is not None:
             keys.discard(key)

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from tcptrace import ringbuf
 from tcptrace.btf import KernelOffsets, kernel_offsets
-from tcptrace.errors import KernelSupportError, PermissionProblem
+from tcptrace.errors import KernelSupportError
 from tcptrace.events import (
     KERNEL_STAT_COUNT,
     RECORD_DTYPE,
@@ -29,6 +30,7 @@ from tcptrace.events import (
     RecordKind,
     SocketRecord,
 )
+from tcptrace.ringbuf import MappedRingBuffer
 
 
 class ProbeSet(enum.Enum):
@@ -334,6 +336,34 @@ def program_stats(name: str, fd: int) -> ProgramStats:
     )
 
 
+_MADV_DONTNEED = 4
+_COMPILER_LIBRARIES = ("libLLVM", "libclang")
+
+
+def release_compiler_memory() -> None:
+    """Give back the memory the BPF compile used and nothing will use again (issue 6).
+
+    bcc compiles with clang/LLVM in this process: ~40 MB of freed heap stays
+    with malloc, and ~70 MB of LLVM's code pages stay counted in our RSS for the
+    whole trace. malloc_trim returns the first; MADV_DONTNEED on the libraries'
+    executable mappings drops the second from our page tables (clean, file-backed
+    pages: the kernel rereads them should LLVM ever run again).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    with suppress(AttributeError):  # not glibc
+        libc.malloc_trim(0)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    with suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 6 or fields[1] != "r-xp":
+                continue  # only code: data mappings hold relocated, private state
+            if not any(lib in fields[5] for lib in _COMPILER_LIBRARIES):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(start, end - start, _MADV_DONTNEED)
+
+
 class Capture:
     """Loaded and attached BPF programs for a set of target processes.
 
@@ -343,10 +373,10 @@ class Capture:
     """
 
     def __init__(self, config: CaptureConfig, offsets: KernelOffsets | None = None) -> None:
-        if os.geteuid() != 0:
-            raise PermissionProblem(
-                "tracing needs root (or CAP_BPF + CAP_PERFMON)", "run it with sudo"
-            )
+        # issue 7: the effective capabilities, not the uid (see system.missing_capabilities).
+        from tcptrace.system import require_privileges
+
+        require_privileges()
         self.config = config
         bcc = _import_bcc()
         text, include_dir = bpf_source(config.probe_set)
@@ -358,12 +388,14 @@ class Capture:
                 f"the {config.probe_set.value} probe set did not load: {exc}"
             ) from exc
         self._closed = False
+        release_compiler_memory()
         if config.probe_set is ProbeSet.KPROBE:
             self._attach_kprobes()
         self._chunks: list[bytes] = []
         self._bcc = bcc
         self._scan_buffers: tuple[Any, Any] | None = None
         self._decode_errors = 0
+        self._ring: MappedRingBuffer | None = None
         try:
             targets = self._bpf["targets"]
             for pid in config.pids:
@@ -371,7 +403,7 @@ class Capture:
             self._socks = self._bpf["socks"]
             self._stacks = self._bpf["stacks"]
             self._stats = self._bpf["stats"]
-            self._bpf["events"].open_ring_buffer(self._on_ring_record)
+            self._ring = self._open_ring()
         except Exception:
             self.close()
             raise
@@ -399,6 +431,9 @@ class Capture:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            ring = getattr(self, "_ring", None)
+            if ring is not None:
+                ring.close()
             self._bpf.cleanup()
 
     def __enter__(self) -> Capture:
@@ -428,14 +463,26 @@ class Capture:
     # --- end issue 7
 
     # -- records ---------------------------------------------------------
+    def _open_ring(self) -> MappedRingBuffer | None:
+        """Map the ring buffer for bulk reads; where that is not safe, bcc's callback."""
+        events = self._bpf["events"]
+        if ringbuf.supported():
+            return MappedRingBuffer(
+                events.map_fd, events.max_entries, ctypes.sizeof(RawSocketRecord)
+            )
+        events.open_ring_buffer(self._on_ring_record)
+        return None
+
     def _on_ring_record(self, _ctx: Any, data: Any, size: int) -> int:
-        # Hot path: one call per record. Copy the bytes and nothing else; they
-        # are decoded in bulk (tcptrace.history.split_records).
+        # Hot path of the fallback: one call per record. Copy the bytes and nothing
+        # else; they are decoded in bulk (tcptrace.history.split_records).
         self._chunks.append(ctypes.string_at(data, size))
         return 0
 
     def drain_raw(self) -> bytes:
         """Every record waiting in the ring buffer, concatenated, without blocking."""
+        if self._ring is not None:
+            return self._ring.consume()
         self._bpf.ring_buffer_consume()
         raw = b"".join(self._chunks)
         self._chunks.clear()
@@ -462,16 +509,16 @@ class Capture:
         """Every socket in the in-kernel ledger (RECORD_DTYPE rows, kind SNAPSHOT), and
         whether the read is known complete. Batched: one syscall for the whole map."""
         try:
-            values, complete = self._lookup_all_batched()
+            records, complete = self._lookup_all_batched()
         except OSError:
             # Kernels without batched map ops: one key at a time (slower, racy).
             values = b"".join(bytes(v) for _k, v in self._socks.items())
+            records = np.frombuffer(values, dtype=RECORD_DTYPE).copy()
             complete = True
-        records = np.frombuffer(values, dtype=RECORD_DTYPE).copy()
         records["kind"] = RecordKind.SNAPSHOT
         return records, complete
 
-    def _lookup_all_batched(self) -> tuple[bytes, bool]:
+    def _lookup_all_batched(self) -> tuple[np.ndarray, bool]:
         # Not bcc's items_lookup_batch(): bcc 0.26 passes one c_uint32 as both the
         # resume token and the count, so any read needing a second call resumes at
         # the wrong place. Here they are separate, and the result says whether the
@@ -479,11 +526,14 @@ class Capture:
         lib = self._bcc.libbcc.lib
         capacity = self.config.max_sockets
         if self._scan_buffers is None:
+            # np.empty, not zeroed: pages the kernel never writes are never
+            # resident, so a map holding few sockets costs little memory.
             self._scan_buffers = (
-                ctypes.create_string_buffer(8 * capacity),
-                ctypes.create_string_buffer(RECORD_DTYPE.itemsize * capacity),
+                np.empty(capacity, dtype=np.uint64),
+                np.empty(capacity, dtype=RECORD_DTYPE),
             )
         keys, values = self._scan_buffers
+        key_at, value_at = keys.ctypes.data, values.ctypes.data
         token = ctypes.c_uint32(0)
         next_token = ctypes.c_uint32(0)
         total = 0
@@ -493,22 +543,22 @@ class Capture:
                 self._socks.map_fd,
                 ctypes.byref(token) if total else None,
                 ctypes.byref(next_token),
-                ctypes.byref(keys, 8 * total),
-                ctypes.byref(values, RECORD_DTYPE.itemsize * total),
+                ctypes.c_void_p(key_at + 8 * total),
+                ctypes.c_void_p(value_at + RECORD_DTYPE.itemsize * total),
                 ctypes.byref(count),
             )
             err = ctypes.get_errno()
             total += count.value
             if res != 0:
                 if err == errno.ENOENT:  # the end of the map: complete
-                    return ctypes.string_at(values, RECORD_DTYPE.itemsize * total), True
+                    return values[:total].copy(), True
                 if total == 0 and err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
                     raise OSError(err, "batched map lookup not supported")
-                return ctypes.string_at(values, RECORD_DTYPE.itemsize * total), False
+                return values[:total].copy(), False
             if total >= capacity or count.value == 0:
                 break
             token.value = next_token.value
-        return ctypes.string_at(values, RECORD_DTYPE.itemsize * total), False
+        return values[:total].copy(), False
 
     def forget(self, sks: Iterable[int]) -> None:
         """Drop ledger entries user space has retired (e.g. a process exited)."""

@@ -10,8 +10,8 @@ original directory, so it holds no half report. Only when no fallback works is
 the report lost, and the error says so.
 
 The connections history may have been streamed to part files in the original
-directory during the trace (tcptrace.history); the fallback re-homes what it
-can read of them (every complete CSV line) plus the rows still in memory.
+directory during the trace (tcptrace.history); the fallback re-homes them, with
+the rows still in memory, through ConnectionHistory.copy_to.
 """
 
 from __future__ import annotations
@@ -22,18 +22,16 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from tcptrace.errors import ReportError
 from tcptrace.fileio import _give_to_invoking_user
+from tcptrace.history import ConnectionHistory
 from tcptrace.report import (
     DEFAULT_WRITERS,
     ReportPaths,
     RunMeta,
-    conform,
-    to_frame,
     write_report,
 )
 from tcptrace.sockets import Connection
@@ -63,7 +61,7 @@ def write_report_or_rescue(
     meta: RunMeta,
     *,
     timeline: Sequence[Mapping[str, object]] = (),
-    history: Any = None,
+    history: ConnectionHistory | None = None,
     warn: Callable[[str], None],
 ) -> ReportPaths:
     """write_report to `out_dir`, or, if that fails, to a fallback directory.
@@ -114,61 +112,21 @@ def write_report_or_rescue(
 
 
 class _RescuedHistory:
-    """A ConnectionHistory's rows, written as whole tables into a fallback directory.
+    """A ConnectionHistory written whole into a fallback directory (write_report's
+    StreamedTable): the rows it streamed and buffered, then the final ones."""
 
-    Reads the original's streamed CSV part up to its last complete line and the
-    rows it still buffers (private attributes of tcptrace.history, read with
-    getattr so a change there degrades to "fewer rows, counted" rather than a
-    crash), and writes connections.csv/.parquet with the standard writers.
-    """
-
-    def __init__(self, original: Any, directory: Path, notes: dict[str, object]) -> None:
+    def __init__(self, original: ConnectionHistory, directory: Path, notes: dict[str, object]):
         self._original = original
         self._directory = directory
         self._notes = notes
-        self.rows = int(getattr(original, "rows", 0) or 0)
+        self.rows = original.rows
 
     def finish(self, last: pd.DataFrame) -> list[Path]:
-        frames: list[pd.DataFrame] = []
-        streamed = self._streamed_rows()
-        if streamed is not None:
-            frames.append(streamed)
-        frames.extend(f for f in getattr(self._original, "_pending", []) if len(f))
-        if len(last):
-            frames.append(last)
-        if frames:
-            frame = conform("connections", pd.concat(frames, ignore_index=True))
-            # A flush that failed half-way may have put some of the buffered rows
-            # in the part file too: identical rows are the same connection.
-            frame = frame.drop_duplicates(ignore_index=True)
-        else:
-            frame = to_frame("connections", [])
-        written: list[Path] = []
-        for writer in DEFAULT_WRITERS:
-            path = self._directory / f"connections{writer.suffix}"
-            writer.write(frame, path, "connections")
-            written.append(path)
+        written, rows = self._original.copy_to(self._directory, last)
         self._notes["connections_rows_counted_before_failure"] = self.rows
-        self._notes["connections_rows_written"] = len(frame)
-        self.rows = len(frame)
+        self._notes["connections_rows_written"] = rows
+        self.rows = rows
         return written
-
-    def _streamed_rows(self) -> pd.DataFrame | None:
-        from tcptrace.report.loader import _read_csv
-
-        part = getattr(self._original, "_csv_part", None)
-        if part is None or not Path(part).is_file():
-            return None
-        data = Path(part).read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if complete.count(b"\n") < 2:  # a header alone, or nothing whole
-            return None
-        scratch = self._directory / ".connections.streamed.csv"
-        try:
-            scratch.write_bytes(complete)
-            return _read_csv(scratch, "connections")
-        finally:
-            scratch.unlink(missing_ok=True)
 
 
 def _remove_failed_attempt(out_dir: Path, since: float, streamed: bool) -> None:

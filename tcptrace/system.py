@@ -20,9 +20,16 @@ from tcptrace.errors import (
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 PF_KTHREAD = 0x00200000
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+CAP_SYS_PTRACE = 19
+CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
-CAP_SYS_ADMIN = 21
+# What a user other than root needs (found by experiment on 6.18, README "On a
+# production host"): BPF + PERFMON to load and attach, DAC_READ_SEARCH to read
+# tracefs (mode 0700, root's), SYS_PTRACE for another user's /proc/PID/{fd,maps}.
+NEEDED_CAPS = "CAP_BPF + CAP_PERFMON + CAP_DAC_READ_SEARCH (+ CAP_SYS_PTRACE)"
 
 
 def tracefs_root() -> str | None:
@@ -64,34 +71,110 @@ def effective_caps() -> int | None:
     return None
 
 
-def can_trace() -> bool:
-    """CAP_SYS_ADMIN, or CAP_BPF + CAP_PERFMON, in the effective set.
+def tracefs_denied() -> bool:
+    """True when tracefs is mounted but this process may not read it.
 
-    issue 7: judged by capabilities, not by uid, because root is not always
-    privileged: a container or a systemd unit may run uid 0 with every
-    capability dropped, and then loading BPF fails with EPERM deep in bcc.
+    bcc attaches a tracepoint by reading its id from tracefs, whose root is mode
+    0700 and root's: a user other than root needs CAP_DAC_READ_SEARCH (or
+    CAP_DAC_OVERRIDE) there, root needs nothing. Tried for real, with an open().
+    """
+    denied = False
+    for root in TRACEFS_CANDIDATES:
+        try:
+            with open(os.path.join(root, "events", "sock", "inet_sock_set_state", "id"), "rb"):
+                return False
+        except PermissionError:
+            denied = True
+        except OSError:
+            continue  # not mounted there, or no such tracepoint: not a privilege problem
+    return denied
+
+
+def missing_capabilities() -> list[str]:
+    """The capabilities this process lacks to trace (empty when it can).
+
+    issue 7: judged by capabilities, not by uid. Root is not always privileged (a
+    container or a systemd unit may run uid 0 with every capability dropped, and
+    then loading BPF fails with EPERM deep in bcc), and a user other than root
+    traces fine with the right ones. CAP_SYS_PTRACE is checked per target, in
+    validate_targets: only another user's process needs it.
     """
     found = effective_caps()
-    if found is None:
-        return os.geteuid() == 0
+    if found is None:  # no /proc/self/status: trust the uid, bcc will tell
+        return [] if os.geteuid() == 0 else ["CAP_BPF", "CAP_PERFMON"]
     caps = found
 
     def has(bit: int) -> bool:
         return bool(caps & (1 << bit))
 
-    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+    missing = []
+    if not has(CAP_SYS_ADMIN):  # CAP_SYS_ADMIN alone stands for both
+        missing += [name for bit, name in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON"))
+                    if not has(bit)]
+    if tracefs_denied():
+        missing.append("CAP_DAC_READ_SEARCH")
+    return missing
+
+
+def can_trace() -> bool:
+    return not missing_capabilities()
+
+
+_RELEVANT_CAPS = (
+    (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    (CAP_BPF, "CAP_BPF"),
+    (CAP_PERFMON, "CAP_PERFMON"),
+    (CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH"),
+    (CAP_DAC_OVERRIDE, "CAP_DAC_OVERRIDE"),
+    (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
+)
+
+
+def held_capabilities() -> list[str]:
+    """Which of the capabilities tracing may use this process has (for doctor)."""
+    caps = effective_caps() or 0
+    return [name for bit, name in _RELEVANT_CAPS if caps & (1 << bit)]
 
 
 def require_privileges() -> None:
-    if not can_trace():
-        if os.geteuid() == 0:  # issue 7: root without the capabilities
-            raise PermissionProblem(
-                "tracing needs CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN), and this root"
-                " process has neither",
-                "grant them; containers and systemd units may drop them,"
-                " e.g. docker run --cap-add BPF --cap-add PERFMON",
-            )
-        raise PermissionProblem("tracing needs root or CAP_BPF + CAP_PERFMON", "run it with sudo")
+    """Raise PermissionProblem naming the missing capabilities and the fix."""
+    missing = missing_capabilities()
+    if not missing:
+        return
+    lacking = ", ".join(missing)
+    if os.geteuid() == 0:  # issue 7: root without the capabilities
+        raise PermissionProblem(
+            f"tracing needs CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN), and this root process"
+            f" lacks {lacking}",
+            "grant them; containers and systemd units may drop them, e.g. docker run "
+            + " ".join(f"--cap-add {name.removeprefix('CAP_')}" for name in missing),
+        )
+    raise PermissionProblem(
+        f"tracing needs root, or {NEEDED_CAPS}; this process lacks {lacking}",
+        "run it with sudo, or give it those capabilities, e.g. AmbientCapabilities="
+        "CAP_BPF CAP_PERFMON CAP_DAC_READ_SEARCH CAP_SYS_PTRACE in a systemd unit",
+    )
+
+
+def require_inspectable(pid: int, comm: str) -> None:
+    """Raise PermissionProblem if this process may not follow pid's /proc links.
+
+    The start-up snapshot reads the /proc/PID/fd links, and bcc opens the
+    binaries to symbolize through /proc/PID/root: both need ptrace read access,
+    which another user's process (or one that is not dumpable) only grants with
+    CAP_SYS_PTRACE (CAP_PERFMON opens /proc/PID/maps, not these). Without it the
+    report would silently lack the sockets open before tracing and every name.
+    """
+    try:
+        os.readlink(f"/proc/{pid}/root")  # the same check as /proc/PID/fd/N
+    except PermissionError:
+        raise PermissionProblem(
+            f"cannot inspect pid {pid} ({comm}): reading its /proc/{pid}/fd and /proc/{pid}/root"
+            " needs CAP_SYS_PTRACE (it belongs to another user, or is not dumpable)",
+            "run it with sudo, or add CAP_SYS_PTRACE",
+        ) from None
+    except OSError:
+        return  # gone: the trace deals with exits
 
 
 def build_headers() -> tuple[str | None, bool]:
@@ -168,6 +251,7 @@ def validate_targets(pids: tuple[int, ...]) -> list[ProcessInfo]:
                 f"pid {pid} ({info.comm}) is a kernel thread: it holds no sockets of its own",
                 "give the pid of a user-space process",
             )
+        require_inspectable(pid, info.comm)  # issue 7
         infos.append(info)
     return infos
 

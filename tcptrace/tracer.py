@@ -13,19 +13,22 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 import numpy as np
 
 from tcptrace import __version__
 from tcptrace.clock import MonotonicClock
+from tcptrace.errors import PermissionProblem, TraceInternalError, UsageError
 from tcptrace.events import ACTIVITY_STATS, RECORD_DTYPE, RawSocketRecord, RecordKind, SocketRecord
 from tcptrace.history import ConnectionHistory
 from tcptrace.ledger import Ledger
@@ -37,7 +40,7 @@ from tcptrace.report import (
     summarize_call_sites,
 )
 from tcptrace.report.schema import connections_frame
-from tcptrace.rescue import write_report_or_rescue  # issue 7: report rescue
+from tcptrace.rescue import fallback_bases, write_report_or_rescue  # issue 7: report rescue
 from tcptrace.sockets import Connection
 from tcptrace.startup import (  # issue 7: checks, interruptible compile, targets
     NotAttached,
@@ -142,6 +145,14 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
             with suppress(OSError, ValueError):
                 print(message, file=out, flush=True)
 
+    fault = _injected_fault()  # issue 7: testing only, see _injected_fault
+    if options.kernel_stacks and os.geteuid() != 0:
+        # libbcc lists /proc/kallsyms only for euid 0: every kernel frame would be
+        # "[unknown]", uncounted. Capabilities do not help (found by experiment).
+        raise PermissionProblem(
+            "--kernel-stacks needs uid 0: bcc reads the kernel's symbols only as root",
+            "run it with sudo, or drop --kernel-stacks",
+        )
     # issue 7: every check in order, each its own exit code; BTF read once, here.
     pre = preflight(options)
     infos, probe_set, why, out_dir = pre.infos, pre.probe_set, pre.why, pre.out_dir
@@ -185,77 +196,106 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
                 history.append(connections_frame(closed, time.time()))
                 closed.clear()
 
-        timeline = TimelineRecorder()
-        # After attach, so nothing is born unseen between snapshot and probes.
-        # issue 7: a target that died (or whose pid was reused) since preflight is
-        # left out here, not an error that would cost the report.
-        alive = [p for p in options.pids if pre.watch.alive(p)]
-        ledger.add_preexisting(
-            snapshot.preexisting_connections(alive, time.time(), missing_ok=True)
-        )
-        # First timeline sample before the workload can move: growth counts from attach.
-        timeline.sample(time.time(), ledger.open_sockets(), options.threshold_s)
-        if options.on_attached is not None:
-            options.on_attached()
-
-        deadline = time.monotonic() + options.duration_s if options.duration_s else None
-        next_scan = next_summary = next_pre = time.monotonic()
-        next_summary += options.summary_interval_s
-        next_pre += options.preexisting_interval_s
-        next_sample = time.monotonic() + options.sample_interval_s
-        live = set(options.pids)
-        retired: set[int] = set()  # exited pids already dropped from the kernel's targets
-        while not stop.is_set():
-            stop.event.wait(options.poll_interval_s)
+        def final_pass() -> None:
+            """Everything still in the ring buffer and the map, and who holds what now."""
             consume()
-            now_m = time.monotonic()
-            if now_m >= next_scan:
-                ledger.reconcile(*cap.scan_raw())
-                # A scan of 100k sockets costs ~0.1 s: keep scans under ~5% of the time.
-                scan_cost = time.monotonic() - now_m
-                next_scan = now_m + max(options.scan_interval_s, 20 * scan_cost)
-                # issue 7: by start time, so a reused pid is not a live target
-                live = surviving_targets(live | ledger.pids(), pre.watch, ledger)
-                for pid in ledger.exited() - retired:  # issue 7: once per pid
-                    cap.remove_target(pid)
-                    cap.forget_process(pid)  # issue 7: bcc's per-pid symbol cache
-                    retired.add(pid)
-                if not live:
-                    stop.set("all traced processes exited")
-                if options.on_tick is not None:  # issue 7: live view
-                    losses_now = _losses(ledger, cap.stats(), symbolizer.counters)
-                    options.on_tick(
-                        TraceTick(
-                            time.time(),
-                            ledger.open_sockets(),
-                            losses_now,
-                            options.threshold_s,
-                            tuple(sorted(live)),
+            ledger.reconcile(*cap.scan_raw())
+            consume()
+            _refresh_preexisting(ledger, options.pids, pre.watch.alive)
+
+        timeline = TimelineRecorder()
+        failure: _Failure | None = None
+        # issue 7: the loop boundary. A bug of ours below must not cost the report:
+        # the probes are detached (leaving the with), the report is written from
+        # what the ledger holds, and TraceInternalError names the traceback file.
+        try:
+            # After attach, so nothing is born unseen between snapshot and probes.
+            # issue 7: a target that died (or whose pid was reused) since preflight is
+            # left out here, not an error that would cost the report.
+            alive = [p for p in options.pids if pre.watch.alive(p)]
+            ledger.add_preexisting(
+                snapshot.preexisting_connections(alive, time.time(), missing_ok=True)
+            )
+            # First timeline sample before the workload can move: growth counts from attach.
+            timeline.sample(time.time(), ledger.open_sockets(), options.threshold_s)
+            if options.on_attached is not None:
+                options.on_attached()
+
+            deadline = time.monotonic() + options.duration_s if options.duration_s else None
+            next_scan = next_summary = next_pre = time.monotonic()
+            next_summary += options.summary_interval_s
+            next_pre += options.preexisting_interval_s
+            next_sample = time.monotonic() + options.sample_interval_s
+            live = set(options.pids)
+            retired: set[int] = set()  # exited pids already dropped from the kernel's targets
+            iterations = 0
+            while not stop.is_set():
+                stop.event.wait(options.poll_interval_s)
+                consume()
+                iterations += 1
+                if fault is not None and iterations >= fault:
+                    raise InjectedFault(f"injected after {iterations} trace-loop iterations")
+                now_m = time.monotonic()
+                if now_m >= next_scan:
+                    ledger.reconcile(*cap.scan_raw())
+                    # A scan of 100k sockets costs ~0.1 s: keep scans under ~5% of the time.
+                    scan_cost = time.monotonic() - now_m
+                    next_scan = now_m + max(options.scan_interval_s, 20 * scan_cost)
+                    # issue 7: by start time, so a reused pid is not a live target
+                    live = surviving_targets(live | ledger.pids(), pre.watch, ledger)
+                    for pid in ledger.exited() - retired:  # issue 7: once per pid
+                        cap.remove_target(pid)
+                        cap.forget_process(pid)  # issue 7: bcc's per-pid symbol cache
+                        retired.add(pid)
+                    if not live:
+                        stop.set("all traced processes exited")
+                    if options.on_tick is not None:  # issue 7: live view
+                        losses_now = _losses(ledger, cap.stats(), symbolizer.counters, history)
+                        options.on_tick(
+                            TraceTick(
+                                time.time(),
+                                ledger.open_sockets(),
+                                losses_now,
+                                options.threshold_s,
+                                tuple(sorted(live)),
+                            )
+                        )
+                if now_m >= next_pre:
+                    _refresh_preexisting(ledger, options.pids, pre.watch.alive)
+                    next_pre = now_m + options.preexisting_interval_s
+                if now_m >= next_sample:
+                    timeline.sample(time.time(), ledger.open_sockets(), options.threshold_s)
+                    next_sample = now_m + options.sample_interval_s
+                if deadline is not None and now_m >= deadline:
+                    stop.set(f"--duration {options.duration_s:g}s reached")
+                if now_m >= next_summary and not options.quiet:
+                    next_summary = now_m + options.summary_interval_s
+                    say(
+                        _summary(
+                            ledger, cap.stats(), symbolizer.counters, history, options.threshold_s
                         )
                     )
-            if now_m >= next_pre:
-                _refresh_preexisting(ledger, options.pids, pre.watch.alive)
-                next_pre = now_m + options.preexisting_interval_s
-            if now_m >= next_sample:
-                timeline.sample(time.time(), ledger.open_sockets(), options.threshold_s)
-                next_sample = now_m + options.sample_interval_s
-            if deadline is not None and now_m >= deadline:
-                stop.set(f"--duration {options.duration_s:g}s reached")
-            if now_m >= next_summary and not options.quiet:
-                next_summary = now_m + options.summary_interval_s
-                say(_summary(ledger, cap.stats(), symbolizer.counters, options.threshold_s))
 
-        # Final pass: everything still in the ring buffer and the map.
-        consume()
-        ledger.reconcile(*cap.scan_raw())
-        consume()
-        _refresh_preexisting(ledger, options.pids, pre.watch.alive)
-        final_stats = cap.stats()
-        if final_stats.get("probe_recursion_misses"):  # issue 7: stale states, fixed once
-            correct_states_from_diag(ledger, {*options.pids, *ledger.pids()}, pre.watch.alive)
-        losses = _losses(ledger, final_stats, symbolizer.counters)
-        activity = _activity(final_stats, ledger)
+            final_pass()
+            final_stats = cap.stats()
+            if final_stats.get("probe_recursion_misses"):  # issue 7: stale states, fixed once
+                correct_states_from_diag(ledger, {*options.pids, *ledger.pids()}, pre.watch.alive)
+            history.sync()  # issue 7: history_rows_unwritten is final from here on
+            losses = _losses(ledger, final_stats, symbolizer.counters, history)
+            activity = _activity(final_stats, ledger)
+        except Exception as exc:
+            failure = _Failure.of(exc)
+            stop.set(f"internal error: {failure.summary}")
+            # The final pass and each counter as far as they go: the bug may be in them.
+            _best_effort(final_pass, None)
+            final_stats = _best_effort(cap.stats, {})
+            _best_effort(history.sync, None)
+            losses = _best_effort(
+                lambda: _losses(ledger, final_stats, symbolizer.counters, history), {}
+            )
+            activity = _best_effort(lambda: _activity(final_stats, ledger), {})
 
+    stop_reason = f"internal error: {failure.summary}" if failure else stop.reason
     ended_at = time.time()
     opened = ledger.open_sockets()
     timeline.sample(ended_at, opened, options.threshold_s)  # the final sample, at stop
@@ -275,7 +315,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         extra={
             "probe_set_reason": why,
             "activity": activity,
-            "stop_reason": stop.reason,
+            "stop_reason": stop_reason,
             "follow_forks": options.follow_forks,
             "rlimit_nofile": limits,
             "fd_count": {"start": fds_start, "end": fds_end},
@@ -284,7 +324,14 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
             "attach_seconds": round(t_attached - started_at, 3),
         },
     )
-    say(f"stopped: {stop.reason}")
+    if history.write_error is not None:  # issue 7: the disk filled during the trace
+        meta.extra["history_write_error"] = history.write_error
+    if failure is not None:
+        meta.extra["internal_error"] = {
+            "error": failure.summary,
+            "traceback_file": TRACEBACK_FILE,
+        }
+    say(f"stopped: {stop_reason}")
     say(
         render_summary(
             summarize_call_sites(opened, ended_at, options.threshold_s),
@@ -293,6 +340,13 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
             options.threshold_s,
         )
     )
+    warn = _warner()
+    if history.unwritten:
+        warn(
+            f"tcptrace: {history.unwritten} rows of the connections history could not be"
+            f" written to {out_dir} during the trace ({history.write_error}); tracing went on,"
+            " they are counted as history_rows_unwritten"
+        )
     # issue 7: summary first, so a report that cannot be written anywhere leaves it;
     # a failed write is retried in a fallback directory (the CLI exits 11 then).
     out_dir = write_report_or_rescue(
@@ -303,9 +357,17 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         meta,
         timeline=timeline.rows(),
         history=history,
-        warn=lambda line: print(line, file=sys.stderr, flush=True),
+        warn=warn,
     ).directory
     say(f"report written to {out_dir}")
+    if failure is not None:
+        saved = _save_traceback(out_dir, failure)
+        raise TraceInternalError(
+            f"internal error during the trace ({failure.summary}); the report of what was"
+            f" traced until then is in {out_dir}; "
+            + (f"traceback in {saved}" if saved else "the traceback could not be saved"),
+            "please report it with that file",
+        ) from failure.exc
     return TraceResult(
         output_dir=out_dir,
         open_sockets=tuple(opened),
@@ -345,11 +407,16 @@ def _refresh_preexisting(
     ledger.refresh_preexisting(current, now)
 
 
-def _losses(ledger: Ledger, kernel: Mapping[str, int], stacks: Mapping[str, int]) -> dict[str, int]:
+def _losses(
+    ledger: Ledger,
+    kernel: Mapping[str, int],
+    stacks: Mapping[str, int],
+    history: ConnectionHistory,
+) -> dict[str, int]:
     """Every loss counter of every layer, so a silent loss cannot look like 'no leaks'."""
     activity = {stat.name.lower() for stat in ACTIVITY_STATS}
     kernel_losses = {k: v for k, v in kernel.items() if k not in activity}
-    return {**kernel_losses, **ledger.counters, **stacks}
+    return {**kernel_losses, **ledger.counters, **stacks, **history.losses}
 
 
 def _activity(kernel: Mapping[str, int], ledger: Ledger) -> dict[str, int]:
@@ -362,12 +429,16 @@ def _activity(kernel: Mapping[str, int], ledger: Ledger) -> dict[str, int]:
 
 
 def _summary(
-    ledger: Ledger, kernel: Mapping[str, int], stacks: Mapping[str, int], threshold_s: float
+    ledger: Ledger,
+    kernel: Mapping[str, int],
+    stacks: Mapping[str, int],
+    history: ConnectionHistory,
+    threshold_s: float,
 ) -> str:
     now = time.time()
     return render_summary(
         summarize_call_sites(ledger.open_sockets(), now, threshold_s),
-        _losses(ledger, kernel, stacks),
+        _losses(ledger, kernel, stacks, history),
         now,
         threshold_s,
     )
@@ -386,3 +457,79 @@ def _with_map_sizes(config: CaptureConfig, options: TraceOptions) -> CaptureConf
 
 def default_output_dir() -> Path:
     return Path(os.getcwd()) / time.strftime("tcptrace-report-%Y%m%d-%H%M%S")
+
+
+# --- issue 7: the loop boundary -------------------------------------------------------
+
+TRACEBACK_FILE = "internal-error.txt"  # in the report directory
+FAULT_ENV = "TCPTRACE_INJECT_FAULT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the trace loop when TCPTRACE_INJECT_FAULT asks for it (tests only)."""
+
+
+def _injected_fault() -> int | None:
+    """TCPTRACE_INJECT_FAULT=loop:N: raise InjectedFault after N loop iterations.
+
+    Testing only (tests/kernel/test_trust_internal_error.py): it stands for a
+    bug of ours in the trace loop, through the real CLI.
+    """
+    value = os.environ.get(FAULT_ENV, "")
+    if not value:
+        return None
+    kind, _, count = value.partition(":")
+    if kind != "loop" or not count.isdigit() or int(count) < 1:
+        raise UsageError(f"{FAULT_ENV}={value!r} is not loop:N", f"unset {FAULT_ENV}")
+    return int(count)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    exc: Exception
+    summary: str  # "Type: first line of the message"
+    text: str  # the full traceback
+
+    @classmethod
+    def of(cls, exc: Exception) -> _Failure:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        summary = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        return cls(exc, summary, "".join(traceback.format_exception(exc)))
+
+
+T = TypeVar("T")
+
+
+def _best_effort(make: Callable[[], T], default: T) -> T:
+    try:
+        return make()
+    except Exception:
+        return default
+
+
+def _warner() -> Callable[[str], None]:
+    def warn(line: str) -> None:
+        with suppress(OSError, ValueError):  # stderr may be gone (SIGHUP)
+            print(line, file=sys.stderr, flush=True)
+
+    return warn
+
+
+def _save_traceback(report_dir: Path, failure: _Failure) -> Path | None:
+    """The traceback next to the report, else in a fallback directory; None if nowhere."""
+    from tcptrace.fileio import write_atomic
+
+    text = f"tcptrace {__version__}: internal error during the trace\n\n{failure.text}"
+    with suppress(Exception):
+        path = report_dir / TRACEBACK_FILE
+        write_atomic(path, text.encode("utf-8"))
+        return path
+    for base in fallback_bases():
+        try:
+            fd, name = tempfile.mkstemp(prefix="tcptrace-internal-error-", suffix=".txt", dir=base)
+            with os.fdopen(fd, "w") as handle:  # mkstemp: mode 0600
+                handle.write(text)
+            return Path(name)
+        except OSError:
+            continue
+    return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
@@ -110,6 +110,26 @@ class ParquetWriter:
 DEFAULT_WRITERS: Final[tuple[TableWriter, ...]] = (CsvWriter(), ParquetWriter())
 
 
+def _write_table(
+    directory: Path,
+    table: str,
+    frame: pd.DataFrame,
+    writers: Sequence[TableWriter],
+    history: StreamedTable | None,
+) -> tuple[int, list[Path]]:
+    """Write one table; returns (its rows, its files). The frame dies with the call."""
+    if table == "connections" and history is not None and history.rows:
+        # The history streamed most rows to part files during the trace.
+        files = history.finish(frame)
+        return history.rows, files
+    files = []
+    for writer in writers:
+        path = directory / f"{table}{writer.suffix}"
+        writer.write(frame, path, table)
+        files.append(path)
+    return len(frame), files
+
+
 def meta_dict(
     meta: RunMeta, files: Sequence[Path], rows: dict[str, int], now: float
 ) -> dict[str, object]:
@@ -154,23 +174,18 @@ def write_report(
     except OSError as exc:
         raise ReportError(f"cannot replace {meta_path}: {exc.strerror or exc}") from exc
 
-    frames = {
-        "open_sockets": open_sockets_frame(connections, now, threshold_s),
-        "connections": connections_frame(connections, now),
-        "timeline": to_frame("timeline", timeline),
+    # One table at a time, each frame dropped once written: with 100k open
+    # sockets two frames at once doubled the peak memory (issue 6).
+    builders: dict[str, Callable[[], pd.DataFrame]] = {
+        "open_sockets": lambda: open_sockets_frame(connections, now, threshold_s),
+        "connections": lambda: connections_frame(connections, now),
+        "timeline": lambda: to_frame("timeline", timeline),
     }
     written: list[Path] = []
-    rows = {table: len(frame) for table, frame in frames.items()}
-    for table, frame in frames.items():
-        if table == "connections" and history is not None and history.rows:
-            # The history streamed most rows to part files during the trace.
-            written.extend(history.finish(frame))
-            rows[table] = history.rows
-            continue
-        for writer in writers:
-            path = directory / f"{table}{writer.suffix}"
-            writer.write(frame, path, table)
-            written.append(path)
+    rows: dict[str, int] = {}
+    for table, build in builders.items():
+        rows[table], files = _write_table(directory, table, build(), writers, history)
+        written.extend(files)
 
     text = json.dumps(meta_dict(meta, written, rows, now), indent=2, default=str) + "\n"
     write_atomic(meta_path, text.encode("utf-8"))

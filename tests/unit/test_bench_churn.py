@@ -525,3 +525,21 @@ def test_script_render_minimal_results() -> None:
     assert "FAILED: RuntimeError: no READY" in text
     assert "### Churn" not in text
     assert not math.isnan(len(text))
+
+
+def test_bpf_cost_per_program_and_total() -> None:
+    script = load_script()
+    before = {"set_state": (100, 10_000), "destroy": (0, 0)}
+    after = {"set_state": (700, 70_000), "destroy": (200, 40_000), "idle": (5, 5)}
+    cost = script.bpf_cost(before, after, connections=100)
+    assert cost["set_state"] == {"runs_per_conn": 6.0, "ns_per_run": 100.0, "ns_per_conn": 600.0}
+    assert cost["destroy"]["ns_per_conn"] == 400.0
+    runs = [
+        {"ok": True, "variant": "tcptrace", "rate_target": 0.0, "bpf_cost": cost},
+        {"ok": True, "variant": "untraced", "rate_target": 0.0},
+    ]
+    table = bl.bpf_cost_table(runs)
+    assert "| set_state" in table and "6.00" in table
+    total_row = next(line for line in table.splitlines() if "all programs" in line)
+    assert "1,000" in total_row  # 600 + 400 + 0.05 ns per connection
+    assert bl.bpf_cost_table([{"ok": False}]) == ""

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -443,6 +445,9 @@ def test_kernel_offsets_from_mini_kernel() -> None:
         "TT_SIZE_SK_STATE": 1,
         "TT_SIZE_SK_PROTOCOL": 2,
         "TT_SIZE_SK_TYPE": 2,
+        # The mini kernel has no pt_regs: connect()/listen() fds from tracepoints.
+        "TT_OFF_REGS_SYSCALL_NR": -1,
+        "TT_OFF_REGS_ARG1": -1,
     }
     flags = offs.as_cflags()
     assert flags[0] == "-DTT_OFF_TASK_FILES=1824"
@@ -463,3 +468,43 @@ def test_kernel_offsets_names_missing_struct() -> None:
     sock_like(b)
     with pytest.raises(BtfError, match="struct task_struct not found"):
         kernel_offsets(KernelBtf(b.blob()))
+
+
+class _RegsBtf:
+    """Answers pt_regs lookups like x86-64 BTF (orig_ax at 120, di at 112)."""
+
+    source = "fake"
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+
+    def member(self, struct_name: str, path: str) -> MemberOffset:
+        offsets = {"orig_ax": 120, "di": 112}
+        if struct_name != "pt_regs" or path not in offsets:
+            raise BtfError(f"no {struct_name}.{path}")
+        return MemberOffset(struct_name, path, offsets[path], self.size)
+
+
+def test_syscall_registers_used_on_x86_64_from_5_15() -> None:
+    from tcptrace.btf import syscall_register_offsets
+
+    btf: Any = _RegsBtf()
+    assert syscall_register_offsets(btf, "x86_64", "6.18.44-fc") == {
+        "TT_OFF_REGS_SYSCALL_NR": 120,
+        "TT_OFF_REGS_ARG1": 112,
+    }
+    assert syscall_register_offsets(btf, "x86_64", "5.15.0-91-generic") != {}
+    # Older kernels lack bpf_task_pt_regs; other machines name registers otherwise.
+    assert syscall_register_offsets(btf, "x86_64", "5.10.0-28-amd64") == {}
+    assert syscall_register_offsets(btf, "aarch64", "6.1.0") == {}
+    assert syscall_register_offsets(_RegsBtf(size=4), "x86_64", "6.1.0") == {}  # type: ignore[arg-type]
+
+
+def test_offsets_default_to_syscall_tracepoints() -> None:
+    flags = KernelOffsets(**{name: 0 for name in _REQUIRED_OFFSET_FIELDS}).as_cflags()
+    assert "-DTT_OFF_REGS_ARG1=-1" in flags and "-DTT_OFF_REGS_SYSCALL_NR=-1" in flags
+
+
+_REQUIRED_OFFSET_FIELDS = [
+    f.name for f in dataclasses.fields(KernelOffsets) if f.default is dataclasses.MISSING
+]

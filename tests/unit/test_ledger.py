@@ -338,3 +338,28 @@ def test_close_range_counts_as_the_app_closing_for_sockets_seen_only_at_death() 
     frame = ledger.apply_deaths(deaths)
     # fd 6 was in the range when it was closed; fd 12 was not; fd 7 was born after.
     assert list(frame.close_cause) == ["app", "kernel", "kernel"]
+
+
+def test_snapshot_twin_of_a_socket_born_after_attach_is_merged_not_doubled() -> None:
+    # The start-up snapshot runs while the target works: it can list a socket
+    # born after attach, whose birth then reaches the ledger by a scan.
+    ledger, _, _ = new_ledger()
+    ledger.add_preexisting([dataclasses.replace(_pre(-1, 7), first_seen=1_000_005.0)])
+    reconcile(ledger, [rec(RecordKind.SNAPSHOT, sk=0xB, t=2, fd=7)])
+    assert [c.key for c in ledger.open_sockets()] == [0xB]
+    assert ledger.closed_sockets() == []
+    assert ledger.activity["snapshot_duplicates_merged"] == 1
+    assert not ledger.has_preexisting()
+
+
+def test_fd_of_a_snapshot_socket_reused_closes_the_old_one() -> None:
+    ledger, _, _ = new_ledger()
+    ledger.add_preexisting([dataclasses.replace(_pre(-2, 8), first_seen=1_000_001.0)])
+    assert ledger.has_preexisting()
+    ledger.apply(rec(RecordKind.BIRTH, sk=0xC, t=3, fd=8))  # born after the snapshot
+    assert [c.key for c in ledger.open_sockets()] == [0xC]
+    (old,) = ledger.closed_sockets()
+    assert old.key == -2 and old.close_cause is CloseCause.APP
+    assert old.closed_at == 1_000_003.0  # at the latest when its fd was reused
+    assert ledger.activity["snapshot_duplicates_merged"] == 0
+    assert not ledger.has_preexisting()
