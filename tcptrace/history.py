@@ -16,6 +16,7 @@ a long trace is not possible, so this module:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 from collections.abc import Callable, Mapping
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from tcptrace.events import RECORD_DTYPE, Direction, RecordFlag, RecordKind, TcpState
-from tcptrace.report.schema import CONNECTIONS, conform, dtypes, to_frame
+from tcptrace.report.schema import conform, to_frame
 from tcptrace.sockets import StackStatus
 
 _STATE_NAMES = np.array(
@@ -83,13 +84,6 @@ def _distinct(columns: list[np.ndarray]) -> tuple[list[tuple[Any, ...]], np.ndar
     return rows, inverse
 
 
-def _spread(values: list[object], inverse: np.ndarray) -> np.ndarray:
-    table = np.empty(len(values), dtype=object)
-    table[:] = values
-    spread: np.ndarray = table[inverse]
-    return spread
-
-
 def _format_address(family: int, raw: bytes) -> str:
     if family == 2:
         return str(ipaddress.IPv4Address(raw[:4]))
@@ -98,27 +92,66 @@ def _format_address(family: int, raw: bytes) -> str:
     return ""
 
 
-def _addresses(family: np.ndarray, raw: np.ndarray) -> np.ndarray:
-    """Text addresses, each distinct (family, bytes) formatted once."""
+def _addresses(family: np.ndarray, raw: np.ndarray) -> Any:
+    """Text addresses (an Arrow array), each distinct (family, bytes) formatted once."""
     keys = np.ascontiguousarray(raw).view(f"S{raw.shape[1]}").ravel()
     distinct, inverse = _distinct([family, keys])
     # numpy's S dtype drops trailing NULs: pad back to 16 bytes.
-    texts: list[object] = [_format_address(int(f), bytes(b).ljust(16, b"\0")) for f, b in distinct]
-    return _spread(texts, inverse)
+    texts = [_format_address(int(f), bytes(b).ljust(16, b"\0")) for f, b in distinct]
+    return _take(texts, inverse)
+
+
+def _take(values: list[str], inverse: np.ndarray) -> Any:
+    """values[inverse] as an Arrow string column, spread in C."""
+    import pyarrow as pa
+
+    return pa.array(values, type=pa.large_string()).take(pa.array(inverse, type=pa.int64()))
+
+
+def _timestamps(epoch: np.ndarray) -> Any:
+    """Epoch seconds as UTC timestamps rounded to the microsecond, as the schema says."""
+    import pyarrow as pa
+
+    ns = np.round(epoch * 1e6).astype(np.int64) * 1000
+    return pa.array(ns, type=pa.timestamp("ns", tz="UTC"))
+
+
+@functools.lru_cache(maxsize=1)
+def connections_schema() -> Any:
+    """The Arrow schema of the connections table (pandas' own mapping of the declared
+    dtypes, so Parquet files read back with them), with tcptrace's metadata."""
+    import pyarrow as pa
+
+    return _with_tcptrace_metadata(
+        pa.Schema.from_pandas(to_frame("connections", []), preserve_index=False)
+    )
+
+
+def connections_table(frame: pd.DataFrame) -> Any:
+    """A connections DataFrame (any dtypes the schema accepts) as an Arrow table."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(conform("connections", frame), preserve_index=False)
+    return table.cast(connections_schema())
 
 
 StackLookup = Callable[[int, int, int], tuple[tuple[str, ...], StackStatus]]
 
 
-def death_rows(
+def death_table(
     deaths: np.ndarray,
     to_epoch: Callable[[np.ndarray], np.ndarray],
     stacks: StackLookup,
     exited: Mapping[int, int],
     closed_fds: Callable[[int, int, int, int], bool] | None = None,
-) -> pd.DataFrame:
-    """`connections` rows, in schema order and dtypes, for death records of sockets
-    the ledger never held open (born and gone between two scans)."""
+) -> Any:
+    """`connections` rows (an Arrow table in the schema's order and types) for death
+    records of sockets the ledger never held open (born and gone between two scans).
+
+    Built column by column in numpy and Arrow: at 60k deaths/s, building a pandas
+    frame (and converting it again to write it) was most of the tracer's CPU."""
+    import pyarrow as pa
+
     tgid = deaths["tgid"].astype(np.int64)
     family = deaths["family"].astype(np.int64)
     flags = deaths["flags"].astype(np.int64)
@@ -131,80 +164,119 @@ def death_rows(
                 int(tgid[i]), int(fd[i]), int(deaths["birth_ns"][i]), int(deaths["ts_ns"][i])
             )
     ts = deaths["ts_ns"].astype(np.int64)
-    exit_ns = np.array([exited.get(int(p), -1) for p in tgid.tolist()], dtype=np.int64)
+    if exited:
+        exit_ns = np.array([exited.get(int(p), -1) for p in tgid.tolist()], dtype=np.int64)
+    else:
+        exit_ns = np.full(len(tgid), -1, dtype=np.int64)
     by_exit = ~fd_closed & (exit_ns >= 0) & (ts >= exit_ns)
-    cause = np.where(fd_closed, "app", np.where(by_exit, "exit", "kernel")).astype(object)
+    cause = np.where(fd_closed, 0, np.where(by_exit, 1, 2))
 
     sites, site_of = _distinct([tgid, deaths["user_stack_id"], deaths["kernel_stack_id"]])
     resolved = [stacks(int(t), int(u), int(k)) for t, u, k in sites]
-    stack_col = _spread([";".join(frames) for frames, _ in resolved], site_of)
-    status_col = _spread([status.value for _, status in resolved], site_of)
 
     opened = to_epoch(deaths["birth_ns"])
     closed = to_epoch(deaths["ts_ns"])
     names, name_of = _distinct([np.ascontiguousarray(deaths["comm"]).view("V16").ravel()])
-    # A C string: up to the first NUL, whatever follows it.
-    comm = _spread(
-        [bytes(b).split(b"\0", 1)[0].decode("utf-8", "replace") for (b,) in names], name_of
-    )
+    family_code = np.where(family == 2, 1, np.where(family == 10, 2, 0))
+    opened_at = _timestamps(opened)
     columns: dict[str, Any] = {
         "pid": tgid,
         "tid": deaths["tid"].astype(np.int64),
-        "comm": comm,
-        "fd": pd.array(np.where(fd >= 0, fd, 0), dtype="Int64"),
-        "family": np.where(family == 2, "ipv4", np.where(family == 10, "ipv6", "")).astype(object),
+        # A C string: up to the first NUL, whatever follows it.
+        "comm": _take(
+            [bytes(b).split(b"\0", 1)[0].decode("utf-8", "replace") for (b,) in names], name_of
+        ),
+        "fd": pa.array(fd, mask=fd < 0),
+        "family": _take(["", "ipv4", "ipv6"], family_code),
         "laddr": _addresses(family, deaths["laddr"]),
         "lport": deaths["lport"].astype(np.int64),
         "raddr": _addresses(family, deaths["raddr"]),
         "rport": deaths["rport"].astype(np.int64),
-        "direction": _DIRECTION_NAMES[np.minimum(deaths["direction"], 7)],
-        "opened_at": pd.to_datetime(opened, unit="s", utc=True).round("us"),
-        "first_seen": pd.to_datetime(opened, unit="s", utc=True).round("us"),
-        "closed_at": pd.to_datetime(closed, unit="s", utc=True).round("us"),
+        "direction": _take(list(_DIRECTION_NAMES), np.minimum(deaths["direction"], 7)),
+        "opened_at": opened_at,
+        "first_seen": opened_at,
+        "closed_at": _timestamps(closed),
         "duration_s": np.maximum(closed - opened, 0.0),
-        "final_state": _STATE_NAMES[np.minimum(deaths["state"], 15)],
+        "final_state": _take(list(_STATE_NAMES), np.minimum(deaths["state"], 15)),
         "fd_closed_by_app": fd_closed | by_exit,
-        "close_cause": cause,
+        "close_cause": _take(["app", "exit", "kernel"], cause),
         "untracked": (flags & RecordFlag.UNTRACKED) != 0,
-        "stack": stack_col,
-        "stack_status": status_col,
+        "stack": _take([";".join(frames) for frames, _ in resolved], site_of),
+        "stack_status": _take([status.value for _, status in resolved], site_of),
         "bytes_sent": deaths["bytes_acked"].astype(np.int64),
         "bytes_received": deaths["bytes_received"].astype(np.int64),
     }
-    frame = pd.DataFrame(columns)
-    fd_na = fd < 0
-    if fd_na.any():
-        frame.loc[fd_na, "fd"] = pd.NA
-    return frame.astype(dtypes("connections"))[[c.name for c in CONNECTIONS]]
+    schema = connections_schema()
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
+def death_rows(
+    deaths: np.ndarray,
+    to_epoch: Callable[[np.ndarray], np.ndarray],
+    stacks: StackLookup,
+    exited: Mapping[int, int],
+    closed_fds: Callable[[int, int, int, int], bool] | None = None,
+) -> pd.DataFrame:
+    """death_table as a DataFrame with the schema's dtypes (tests, notebooks)."""
+    table = death_table(deaths, to_epoch, stacks, exited, closed_fds)
+    return conform("connections", table.to_pandas())
 
 
 def csv_bytes(frame: pd.DataFrame, header: bool) -> bytes:
-    """CSV text of `frame`, as report.writers.CsvWriter writes it, at C speed.
+    """CSV text of `frame`, as report.writers.CsvWriter writes it, at C speed."""
+    import pyarrow as pa
+
+    return csv_table_bytes(pa.Table.from_pandas(frame, preserve_index=False), header)
+
+
+def _iso_utc(column: Any) -> Any:
+    """Timestamps as ISO-8601 UTC text with microseconds and Z, nulls kept.
+
+    Arrow's strftime took ~60% of the tracer's CPU at full churn. A batch spans
+    few distinct seconds: format each second once, then join the zero-padded
+    microseconds to it, all in C."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    micro = column.cast(pa.timestamp("us", tz="UTC"), safe=False).cast(pa.int64())
+    if isinstance(micro, pa.ChunkedArray):
+        micro = micro.combine_chunks()
+    valid = pc.is_valid(micro)
+    us = pc.fill_null(micro, 0).to_numpy()
+    seconds = np.floor_divide(us, 1_000_000)
+    distinct, inverse = np.unique(seconds, return_inverse=True)
+    prefixes = [f"{text}." for text in np.datetime_as_string(distinct.astype("datetime64[s]"))]
+    fraction = pc.utf8_lpad(pa.array(us - seconds * 1_000_000).cast(pa.large_string()), 6, "0")
+    text = pc.binary_join_element_wise(
+        _take(prefixes, inverse),
+        fraction,
+        pa.scalar("Z", pa.large_string()),
+        pa.scalar("", pa.large_string()),  # the separator
+    )
+    return pc.if_else(valid, text, pa.scalar(None, text.type))
+
+
+def csv_table_bytes(table: Any, header: bool) -> bytes:
+    """CSV text of an Arrow table, the one CSV style of every report file.
 
     pandas' to_csv cost ~3 us a row: at 40k deaths/s the trace loop stalled in it
     and the ring buffer overflowed. Timestamps and booleans are formatted here
-    the way CsvWriter does (ISO-8601 UTC with microseconds and Z; True/False),
-    then pyarrow writes the text.
+    (ISO-8601 UTC with microseconds and Z; True/False), then pyarrow writes the text.
     """
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
-    columns: dict[str, pa.Array] = {}
-    for name in frame.columns:
-        col = frame[name]
-        if isinstance(col.dtype, pd.DatetimeTZDtype):
-            values = col.dt.tz_convert(None).to_numpy(dtype="datetime64[us]")
-            text = np.datetime_as_string(values, unit="us", timezone="UTC")  # ...Z
-            columns[name] = pa.array(text, type=pa.string(), mask=np.isnat(values))
-        elif str(col.dtype) == "boolean":
-            text = np.where(col.fillna(False).to_numpy(dtype=bool), "True", "False").astype(object)
-            text[col.isna().to_numpy()] = None
-            columns[name] = pa.array(text, type=pa.string())
-        else:
-            columns[name] = pa.array(col, from_pandas=True)
+    columns = []
+    for field, column in zip(table.schema, table.columns, strict=True):
+        if pa.types.is_timestamp(field.type):
+            column = _iso_utc(column)
+        elif pa.types.is_boolean(field.type):
+            column = pc.if_else(column, "True", "False")
+        columns.append(column)
     sink = pa.BufferOutputStream()
     options = pacsv.WriteOptions(include_header=header, quoting_style="needed")
-    pacsv.write_csv(pa.table(columns), sink, options)
+    pacsv.write_csv(pa.table(columns, names=table.column_names), sink, options)
     data: bytes = sink.getvalue().to_pybytes()
     return data
 
@@ -234,7 +306,7 @@ class ConnectionHistory:
         self.rows = 0  # rows held: written to the parts, buffered or in flight
         self.unwritten = 0  # rows dropped because their batch could not be written
         self.write_error: str | None = None  # the first such failure, one line
-        self._pending: list[pd.DataFrame] = []
+        self._pending: list[Any] = []  # Arrow tables
         self._pending_rows = 0
         self._csv_part = directory / "connections.csv.part"
         self._parquet_part = directory / "connections.parquet.part"
@@ -259,22 +331,30 @@ class ConnectionHistory:
         """Loss counters of the history, for the terminal and meta.json."""
         return {"history_rows_unwritten": self.unwritten}
 
-    def append(self, frame: pd.DataFrame) -> None:
-        if frame.empty:
+    def append(self, rows: pd.DataFrame | Any) -> None:
+        """Rows to add: an Arrow table in the schema (death_table) or a DataFrame."""
+        table = connections_table(rows) if isinstance(rows, pd.DataFrame) else rows
+        if table.num_rows == 0:
             return
-        self._pending.append(frame)
-        self._pending_rows += len(frame)
-        self.rows += len(frame)
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
         if self._pending_rows >= self.flush_rows:
-            self.flush()
+            self.flush(block=False)
 
-    def flush(self) -> None:
-        """Hand the buffered rows to the writer thread (waits for the previous batch)."""
+    def flush(self, block: bool = True) -> None:
+        """Hand the buffered rows to the writer thread (waits for the previous batch).
+
+        With block=False, a busy writer is not waited for until the buffer holds
+        8 batches: the trace loop must keep draining the ring buffer meanwhile."""
         if not self._pending:
             return
+        busy = self._in_flight is not None and not self._in_flight[0].done()
+        if busy and not block and self._pending_rows < 8 * self.flush_rows:
+            return
         self._wait()  # one batch in flight: bounded memory, ordered parts
-        frame = self._take_pending()
-        self._in_flight = (self._writer.submit(self._write, frame), len(frame))
+        table = self._take_pending()
+        self._in_flight = (self._writer.submit(self._write, table), table.num_rows)
 
     def sync(self) -> None:
         """Write every buffered row now and wait; afterwards `unwritten` is final
@@ -282,10 +362,12 @@ class ConnectionHistory:
         self.flush()
         self._wait()
 
-    def _take_pending(self) -> pd.DataFrame:
-        frame = pd.concat(self._pending, ignore_index=True)
+    def _take_pending(self) -> Any:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self._pending)
         self._pending, self._pending_rows = [], 0
-        return frame
+        return table
 
     def _wait(self) -> None:
         if self._in_flight is None:
@@ -305,10 +387,10 @@ class ConnectionHistory:
         if self.write_error is None:
             self.write_error = _one_line(exc)
 
-    def _write(self, frame: pd.DataFrame) -> None:
+    def _write(self, table: Any) -> None:
         """Append one batch to both parts, or leave both as they were (raising)."""
         start = self._csv_size
-        data = csv_bytes(frame, header=start == 0)
+        data = csv_table_bytes(table, header=start == 0)
         try:
             fd = os.open(self._csv_part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(fd, "ab") as fh:
@@ -322,21 +404,19 @@ class ConnectionHistory:
         # the Parquet part untouched. A failed Parquet write cannot be undone.
         try:
             if not self._parquet_lost:
-                self._write_parquet(frame)
+                self._write_parquet(table)
         except BaseException:
             self._cut_csv(start)
             self._give_up_parquet()
             raise
         self._csv_size = start + len(data)
-        self._csv_rows += len(frame)
+        self._csv_rows += table.num_rows
 
-    def _write_parquet(self, frame: pd.DataFrame) -> None:
-        import pyarrow as pa
+    def _write_parquet(self, table: Any) -> None:
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pandas(frame, preserve_index=False)
         if self._parquet_writer is None:
-            self._schema = _with_tcptrace_metadata(table.schema)
+            self._schema = connections_schema()
             self._parquet_part.touch(mode=0o600)
             self._parquet_writer = pq.ParquetWriter(self._parquet_part, self._schema)
         self._parquet_writer.write_table(table.cast(self._schema))
@@ -368,11 +448,12 @@ class ConnectionHistory:
 
         try:
             self.sync()
+            last_table = connections_table(last)
             before = (self._csv_size, self._csv_rows)
             where = self._csv_part  # named in the error
             try:
-                if not last.empty or self._csv_size == 0:  # an empty table has its header
-                    self._write(last)
+                if last_table.num_rows or self._csv_size == 0:  # an empty table has its header
+                    self._write(last_table)
                 where = self._parquet_part
                 self._complete_parquet()
                 where = self._csv_part
@@ -429,7 +510,7 @@ class ConnectionHistory:
 
         try:
             self._wait()
-            frames = [*self._pending, last]
+            tables = [*self._pending, connections_table(last)]
             # After a finish that succeeded (a later file of the report failed), the
             # final rows are in the CSV too: copy the streamed batches only.
             size = self._csv_size if self._streamed is None else self._streamed[0]
@@ -439,10 +520,10 @@ class ConnectionHistory:
                     with open(self._csv_data, "rb") as part:
                         _copy_bytes(part, out, size)
                 else:
-                    out.write(csv_bytes(to_frame("connections", []), header=True))
-                for frame in frames:
-                    if len(frame):
-                        out.write(csv_bytes(conform("connections", frame), header=False))
+                    out.write(csv_table_bytes(connections_schema().empty_table(), header=True))
+                for table in tables:
+                    if table.num_rows:
+                        out.write(csv_table_bytes(table, header=False))
             parquet_path = directory / "connections.parquet"
             with atomic_writer(parquet_path) as sink:
                 rows = _csv_to_parquet(csv_path, sink)
@@ -477,9 +558,7 @@ def _csv_to_parquet(source: Path, sink: Any) -> int:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    schema = _with_tcptrace_metadata(
-        pa.Schema.from_pandas(to_frame("connections", []), preserve_index=False)
-    )
+    schema = connections_schema()
     convert = pacsv.ConvertOptions(
         column_types={name: schema.field(name).type for name in schema.names},
         include_columns=schema.names,

@@ -11,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import pandas as pd
 
 from tcptrace.events import (
     Direction,
@@ -179,14 +178,14 @@ class Ledger:
         final = record.state if record.state is not None else TcpState.CLOSE
         self._close(dataclasses.replace(conn, fd_closed=fd_closed), record.ts_ns, cause, final)
 
-    def apply_deaths(self, deaths: np.ndarray) -> pd.DataFrame:
+    def apply_deaths(self, deaths: np.ndarray) -> Any:
         """Death records in bulk (numpy, RECORD_DTYPE). Sockets the ledger holds go
         through the per-record path; the rest, born and gone between two scans,
-        come back as `connections` rows, built column by column."""
-        from tcptrace.history import death_rows
+        come back as `connections` rows (an Arrow table, tcptrace.history.death_table)."""
+        from tcptrace.history import death_table
 
         if len(deaths) == 0:
-            return death_rows(deaths, self._epoch_array, self._stacks.resolve, self._exited)
+            return death_table(deaths, self._epoch_array, self._stacks.resolve, self._exited)
 
         pairs = zip(deaths["sk"].tolist(), deaths["birth_ns"].tolist(), strict=True)
         held = np.fromiter(
@@ -203,7 +202,7 @@ class Ledger:
         fresh = deaths[~held]
         self.activity["sockets_first_seen_at_death"] += len(fresh)
         self.closed_count += len(fresh)
-        return death_rows(
+        return death_table(
             fresh,
             self._epoch_array,
             self._stacks.resolve,

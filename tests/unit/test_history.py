@@ -118,6 +118,7 @@ def test_streamed_report_equals_what_the_loader_reads(tmp_path: Path) -> None:
     deaths, _ = split_records(b"".join(raw_death(0x10 + i, 1.0, 2.0 + i) for i in range(7)))
     history.append(death_rows(deaths[:4], to_epoch, stacks, {}))
     history.append(death_rows(deaths[4:], to_epoch, stacks, {}))
+    history.sync()  # appends never wait for a busy writer thread
     assert sorted(p.name for p in out.iterdir()) == [
         "connections.csv.part",
         "connections.parquet.part",
@@ -161,3 +162,24 @@ def test_row_builder_agrees_with_the_ledger_row_builder() -> None:
     single = connections_frame([], 0.0)
     assert list(bulk.columns) == list(single.columns)
     assert list(bulk.dtypes) == list(single.dtypes)
+
+
+def test_iso_timestamps_match_numpy_and_keep_nulls() -> None:
+    import pyarrow as pa
+
+    from tcptrace.history import _iso_utc
+
+    rng = np.random.default_rng(7)
+    micros = np.concatenate(
+        [rng.integers(-10**15, 4 * 10**15, 500), 1_764_303_656_000_000 + rng.integers(0, 3, 50)]
+    )
+    column = pa.array(
+        [None if i % 17 == 0 else int(us) * 1000 for i, us in enumerate(micros)],
+        type=pa.timestamp("ns", tz="UTC"),
+    )
+    expected = [
+        None if i % 17 == 0 else f"{np.datetime_as_string(np.datetime64(int(us), 'us'), 'us')}Z"
+        for i, us in enumerate(micros)
+    ]
+    assert _iso_utc(column).to_pylist() == expected
+    assert _iso_utc(pa.chunked_array([column[:10], column[10:]])).to_pylist() == expected

@@ -335,7 +335,7 @@ def test_close_range_counts_as_the_app_closing_for_sockets_seen_only_at_death() 
         r.birth_ns, r.ts_ns, r.family, r.state = int(born * S), int(died * S), 2, 7
         raw.append(bytes(r))
     deaths, _ = split_records(b"".join(raw))
-    frame = ledger.apply_deaths(deaths)
+    frame = ledger.apply_deaths(deaths).to_pandas()
     # fd 6 was in the range when it was closed; fd 12 was not; fd 7 was born after.
     assert list(frame.close_cause) == ["app", "kernel", "kernel"]
 

@@ -103,7 +103,7 @@ def test_a_failed_parquet_write_is_undone_and_the_parquet_rebuilt(tmp_path: Path
     with file_size_limit(24 * 1024):
         for i in range(40):
             history.append(_rows(1, first=i))
-        history.sync()
+            history.sync()  # one row per batch (appends alone may merge batches)
     assert history.unwritten == 1  # the one batch the Parquet part could not take
     assert not (out / "connections.parquet.part").exists()  # given up, its space freed
     assert history.rows == 39

@@ -485,7 +485,8 @@ def test_churn_completes_n_connections(rst: bool) -> None:
         assert done["accepted"] == 2000
         assert done["failed"] == 0
         assert done["seconds"] > 0
-        assert done["rate"] == pytest.approx(2000 / done["seconds"], rel=0.01)
+        # "seconds" is printed to the millisecond: compare the time, not the rate.
+        assert 2000 / done["rate"] == pytest.approx(done["seconds"], abs=0.0011)
         assert ch.wait(timeout=5) == 0
 
 
