@@ -46,6 +46,10 @@ EXPECTED_OFFSETS: dict[str, tuple[str, str]] = {
     "TT_OFF_TCP_BYTES_ACKED": ("tcp_sock", "bytes_acked"),
     "TT_OFF_TCP_BYTES_RECEIVED": ("tcp_sock", "bytes_received"),
 }
+# Saved syscall registers (connect()/listen() fds), used on x86-64 only.
+if platform.machine() == "x86_64":
+    EXPECTED_OFFSETS["TT_OFF_REGS_SYSCALL_NR"] = ("pt_regs", "orig_ax")
+    EXPECTED_OFFSETS["TT_OFF_REGS_ARG1"] = ("pt_regs", "di")
 EXPECTED_SIZES: dict[str, tuple[str, str]] = {
     "TT_SIZE_SK_FAMILY": ("sock", "__sk_common.skc_family"),
     "TT_SIZE_SK_STATE": ("sock", "__sk_common.skc_state"),
