@@ -133,3 +133,44 @@ def test_lifecycle_records_match_the_workload(root: None, tmp_path: Path) -> Non
         "deaths_lost",
     ):
         assert result.losses.get(counter, 0) == 0, (counter, result.losses)
+
+
+@pytest.mark.parametrize("fds_from", ["registers", "tracepoints"])
+def test_connect_and_listen_fds_from_both_sources(root: None, fds_from: str) -> None:
+    # Where the kernel allows it the fd comes from the syscall's saved registers;
+    # elsewhere from syscalls:sys_enter_connect/listen. Both paths run here: the
+    # second by withholding the register offsets, as on an older kernel.
+    import dataclasses
+    import socket
+
+    from tcptrace.events import RecordKind, SocketRecord
+    from tcptrace.probes import Capture
+
+    offsets = kernel_offsets()
+    assert offsets.TT_OFF_REGS_ARG1 >= 0  # x86-64 on 5.15+: both paths exist here
+    if fds_from == "tracepoints":
+        offsets = dataclasses.replace(offsets, TT_OFF_REGS_ARG1=-1, TT_OFF_REGS_SYSCALL_NR=-1)
+    config = CaptureConfig(pids=(os.getpid(),), announce_all_births=True)
+    records: list[SocketRecord] = []
+    with Capture(config, offsets=offsets) as cap:
+        names = {p.name for p in cap.program_stats()}
+        has_tracepoints = any(n.endswith("_sys_enter_connect") for n in names)
+        assert has_tracepoints == (fds_from == "tracepoints"), names
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            server, _ = listener.accept()
+            cap.drain(records.append)
+            want = {
+                "listen": (listener.getsockname()[1], listener.fileno()),
+                "connect": (0, client.fileno()),
+                "accept": (listener.getsockname()[1], server.fileno()),
+            }
+            client.close()
+            server.close()
+        stats = cap.stats()
+    births = {r.direction.value: r for r in records if r.kind is RecordKind.BIRTH and r.direction}
+    assert births["listen"].fd == want["listen"][1]
+    assert births["listen"].lport == want["listen"][0]
+    assert births["connect"].fd == want["connect"][1]
+    assert births["accept"].fd == want["accept"][1]
+    assert stats["fd_unresolved"] == 0
