@@ -75,7 +75,9 @@ def test_streamed_history_is_rescued_whole(tmp_path: Path, monkeypatch: pytest.M
     history = ConnectionHistory(out, flush_rows=3)  # rows 0-5 streamed to part files
     deaths, _ = split_records(b"".join(raw_death(0x10 + i, 1.0, 2.0 + i) for i in range(8)))
     history.append(death_rows(deaths[:3], to_epoch, stacks, {}))
+    history.sync()  # appends alone never wait for the writer thread
     history.append(death_rows(deaths[3:6], to_epoch, stacks, {}))
+    history.sync()
     history.append(death_rows(deaths[6:], to_epoch, stacks, {}))  # rows 6-7 still in memory
     assert (out / "connections.csv.part").is_file()
     (out / "meta.json").mkdir()  # write_report cannot replace it: the write fails for real
