@@ -102,7 +102,9 @@ def conns(pid: int) -> list[Sock]:
     return [s for s in process_sockets(pid) if s.state != "LISTEN"]
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 5.0) -> None:
+# Generous: a sock_diag dump slows with every socket on the host (78k TIME_WAIT
+# sockets of a soak made these time out at 5 s); a passing check returns at once.
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -278,7 +280,8 @@ def test_line_reader_hands_out_tagged_lines_in_any_order() -> None:
 @pytest.mark.parametrize("ipv6", FAMILIES)
 def test_leakydemo_client_leaks_exactly_n_and_server_ends_in_close_wait(ipv6: bool) -> None:
     listen = "[::1]:0" if ipv6 else "127.0.0.1:0"
-    server_hold, client_hold = 2.5, 1.0
+    # Long enough for a few sock_diag dumps, which take ~2 s on a host with 80k sockets.
+    server_hold, client_hold = 8.0, 4.0
     t_server = time.monotonic()
     with start("leakydemo", "server", "--listen", listen, "--hold", f"{server_hold}s") as server:
         assert server.ready["pid"] == server.pid
@@ -359,7 +362,7 @@ def test_leakydemo_refuses_non_loopback_and_unbounded(args: list[str]) -> None:
 @pytest.mark.parametrize("ipv6", FAMILIES)
 def test_accept_server_keeps_accepted_fds_and_dialer_closes_on_usr1(ipv6: bool) -> None:
     fam = ["--ipv6"] if ipv6 else []
-    hold = 2.5
+    hold = 6.0  # through a few sock_diag dumps (~2 s each with 80k sockets on the host)
     t0 = time.monotonic()
     with start("accept_server", "--port", "0", "--count", "3", "--hold", str(hold), *fam) as srv:
         port = srv.ready["port"]
@@ -448,7 +451,7 @@ def test_start_times_out_and_kills_the_process() -> None:
 
 @pytest.mark.parametrize("ipv6", FAMILIES)
 def test_failconnect_keeps_a_socket_fd_that_never_connected(ipv6: bool) -> None:
-    hold = 1.0
+    hold = 4.0  # alive through a sock_diag dump even on a host with many sockets
     t0 = time.monotonic()
     fam = ["--ipv6"] if ipv6 else []
     with start("failconnect", "--hold", str(hold), *fam) as fc:
