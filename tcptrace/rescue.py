@@ -60,7 +60,7 @@ def write_report_or_rescue(
     threshold_s: float,
     meta: RunMeta,
     *,
-    timeline: Sequence[Mapping[str, object]] = (),
+    timeline: pd.DataFrame | Sequence[Mapping[str, object]] = (),
     history: ConnectionHistory | None = None,
     warn: Callable[[str], None],
 ) -> ReportPaths:

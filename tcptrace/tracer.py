@@ -321,6 +321,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
             "fd_count": {"start": fds_start, "end": fds_end},
             "sample_interval_s": options.sample_interval_s,
             "timeline_max_samples": timeline.max_samples,
+            "timeline_sample_times": timeline.sample_times(),
             "attach_seconds": round(t_attached - started_at, 3),
         },
     )
@@ -355,7 +356,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         ended_at,
         options.threshold_s,
         meta,
-        timeline=timeline.rows(),
+        timeline=timeline.frame(),
         history=history,
         warn=warn,
     ).directory

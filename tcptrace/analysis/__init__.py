@@ -8,6 +8,7 @@ from tcptrace.analysis.callsites import (
     SiteStats,
     analyze,
     sites_frame,
+    timeline_grid,
 )
 from tcptrace.analysis.diff import ReportDiff, SiteDelta, diff_analyses, diff_frame
 from tcptrace.analysis.names import match_key, normalize_frame
@@ -25,4 +26,5 @@ __all__ = [
     "match_key",
     "normalize_frame",
     "sites_frame",
+    "timeline_grid",
 ]

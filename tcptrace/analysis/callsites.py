@@ -29,6 +29,7 @@ import pandas as pd
 
 from tcptrace.analysis.names import PLACEHOLDERS, frames_of, site_key, site_label
 from tcptrace.report.loader import Report
+from tcptrace.report.schema import TIMELINE, coerce_values
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,23 @@ def slope_per_min(times_s: Iterable[float], counts: Iterable[float]) -> float | 
     return float((tc * (y - y.mean())).sum() / (tc * tc).sum()) * 60.0
 
 
-def _pivot(timeline: pd.DataFrame, by: str) -> pd.DataFrame:
-    """open_count summed per (t, `by`), as a t x `by` grid; absent cells are 0."""
+def _sample_seconds(extra: Mapping[str, Any]) -> np.ndarray | None:
+    """Every timeline sample's time (seconds, as the t column reads), from meta.json.
+
+    Version 2 timelines are sparse: a sample where nothing was open has no row,
+    yet is a 0 for growth rates. None when meta.json does not list them (version 1,
+    whose dense grid has a row at every sample once anything was open)."""
+    raw = extra.get("timeline_sample_times")
+    if not isinstance(raw, list) or not raw or not all(_number(v) is not None for v in raw):
+        return None
+    # The same conversion as the t column (microseconds), so the times match exactly.
+    times = coerce_values(TIMELINE[0], [float(v) for v in raw])
+    return np.unique((times - _EPOCH).dt.total_seconds().to_numpy(dtype=float))
+
+
+def _pivot(timeline: pd.DataFrame, by: str, times: np.ndarray | None = None) -> pd.DataFrame:
+    """open_count summed per (t, `by`), as a t x `by` grid; absent cells are 0,
+    and with `times`, every sample time is a row (0 where it has no row)."""
     if timeline.empty:
         return pd.DataFrame()
     frame = pd.DataFrame(
@@ -158,7 +174,23 @@ def _pivot(timeline: pd.DataFrame, by: str) -> pd.DataFrame:
             "n": timeline["open_count"].fillna(0).astype("int64"),
         }
     )
-    return frame.pivot_table(index="t", columns="by", values="n", aggfunc="sum", fill_value=0)
+    grid = frame.pivot_table(index="t", columns="by", values="n", aggfunc="sum", fill_value=0)
+    if times is not None:
+        grid = grid.reindex(grid.index.union(pd.Index(times)), fill_value=0)
+    return grid
+
+
+def timeline_grid(report: Report, by: str = "call_site") -> pd.DataFrame:
+    """Open sockets over time: one row per timeline sample (UTC timestamps), one column
+    per value of `by` (call_site, pid or comm), summed over the rest; 0 where none
+    were open. The table itself is sparse (schema version 2): use this to plot it."""
+    if by not in ("call_site", "pid", "comm"):
+        raise ValueError(f"by must be call_site, pid or comm, not {by!r}")
+    grid = _pivot(report.timeline, by, _sample_seconds(report.extra))
+    grid.index = pd.to_datetime(grid.index.to_numpy(dtype=float), unit="s", utc=True).round("us")
+    grid.index.name = "t"
+    grid.columns.name = by
+    return grid
 
 
 def _growth_by(grid: pd.DataFrame) -> dict[Any, float | None]:
@@ -234,8 +266,9 @@ def analyze(report: Report) -> Analysis:
     open_by_pid: Counter[int] = Counter(open_pids)
 
     timeline = report.timeline
-    site_growth = _growth_by(_pivot(timeline, "call_site"))
-    pid_growth = _growth_by(_pivot(timeline, "pid"))
+    times = _sample_seconds(extra)
+    site_growth = _growth_by(_pivot(timeline, "call_site", times))
+    pid_growth = _growth_by(_pivot(timeline, "pid", times))
     has_growth = any(g is not None for g in site_growth.values())
     site_pid_growth: dict[tuple[str, int], float | None] = {}
     if not timeline.empty:
@@ -243,7 +276,7 @@ def analyze(report: Report) -> Analysis:
         pairs = timeline.assign(
             pair=[f"{p}\0{s}" for p, s in zip(timeline["pid"], timeline["call_site"], strict=True)]
         )
-        for pair, growth in _growth_by(_pivot(pairs, "pair")).items():
+        for pair, growth in _growth_by(_pivot(pairs, "pair", times)).items():
             pid_text, call_site = str(pair).split("\0", 1)
             site_pid_growth[(call_site, int(pid_text))] = growth
 
@@ -372,7 +405,13 @@ def analyze(report: Report) -> Analysis:
         remote_endpoints=tuple(sorted(endpoints.items(), key=lambda kv: (-kv[1], kv[0]))),
         local_ports=tuple(sorted(ports.items(), key=lambda kv: (-kv[1], kv[0]))),
         losses=report.losses,
-        timeline_samples=int(timeline["t"].nunique()) if not timeline.empty else 0,
+        timeline_samples=(
+            len(times)
+            if times is not None
+            else int(timeline["t"].nunique())
+            if not timeline.empty
+            else 0
+        ),
         untracked_open=untracked,
     )
 

@@ -12,6 +12,7 @@ from typing import Final
 
 from tcptrace.report.schema import (
     META_FIELDS,
+    READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     TABLE_DESCRIPTIONS,
     TABLES,
@@ -36,15 +37,19 @@ From the command line: `tcptrace report DIR` summarizes it, `tcptrace diff BEFOR
 compares two.
 """
 
+_READABLE: Final = " and ".join(map(str, READABLE_SCHEMA_VERSIONS))
 _VERSIONING: Final = f"""\
 ## Versioning
 
 This is schema version **{SCHEMA_VERSION}**. The version is stored in `meta.json`
 (`schema_version`) and in every Parquet file's key-value metadata
 (`{PARQUET_VERSION_KEY.decode()}`, next to `{PARQUET_TABLE_KEY.decode()}` naming the
-table). Readers refuse a report or a Parquet file of any other version with a one-line
-error instead of guessing. The version changes whenever a column is removed, renamed,
-or changes dtype or meaning.
+table). This tcptrace reads versions {_READABLE} and refuses a report or a
+Parquet file of any other version with a one-line error instead of guessing. The version
+changes whenever a column is removed, renamed, or changes dtype or meaning.
+
+History: version 2 made the `timeline` table sparse (version 1 wrote a dense grid,
+which grew with every short-lived process) and added `extra.timeline_sample_times`.
 
 Readers take the declared columns by name and ignore any others; Parquet is read
 when present, CSV otherwise.

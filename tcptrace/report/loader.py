@@ -24,6 +24,7 @@ from tcptrace.report.schema import (
     BOOL,
     FLOAT,
     INT,
+    READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     STRING,
     TIMESTAMP,
@@ -139,7 +140,7 @@ def _check_version(version: object, where: Path) -> None:
             f"report schema version {version} is newer than this tcptrace understands"
             f" ({SCHEMA_VERSION}); upgrade tcptrace"
         )
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise ReportError(f"unknown report schema version {version} in {where}")
 
 

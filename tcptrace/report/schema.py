@@ -21,7 +21,10 @@ from pandas.api.types import pandas_dtype
 
 from tcptrace.sockets import Connection, classify, is_leak
 
-SCHEMA_VERSION: Final = 1
+# 2: the timeline table is sparse (issue 7; version 1 wrote a dense grid). Readers
+# take both: a dense timeline read the sparse way gives the same counts.
+SCHEMA_VERSION: Final = 2
+READABLE_SCHEMA_VERSIONS: Final = (1, 2)
 
 INT: Final = "Int64"
 FLOAT: Final = "Float64"
@@ -129,10 +132,14 @@ TABLE_DESCRIPTIONS: Final[Mapping[str, str]] = {
     ),
     "timeline": (
         "Open sockets per process and call site, sampled at a fixed interval while tracing"
-        " (`extra.sample_interval_s`) plus a final sample at stop. Dense: once a (pid,"
-        " call_site) pair has been seen, every sample has a row for it (0 when none are open),"
-        " and earlier samples are back-filled with 0. Long runs are thinned to at most"
+        " (`extra.sample_interval_s`) plus a final sample at stop. Sparse: a (pid, call_site)"
+        " pair has a row at each sample where it has sockets open, and one row with"
+        " open_count 0 at the sample after its last one closed; a pair absent at a sample"
+        " had none open. Every sample time is listed in `extra.timeline_sample_times`"
+        " (a sample where nothing was open has no row). Long runs are thinned to at most"
         " `extra.timeline_max_samples` samples by dropping every other one, keeping the last."
+        " (Version 1 reports hold a dense grid instead: every pair at every sample, 0 when"
+        " none were open; read the same way, it gives the same counts.)"
     ),
 }
 
@@ -174,8 +181,11 @@ META_FIELDS: Final[tuple[MetaField, ...]] = (
         " (null when unreadable, e.g. the process had exited)",
     ),
     MetaField("extra.sample_interval_s", "number", "timeline sampling interval in seconds"),
+    MetaField("extra.timeline_max_samples", "integer", "cap on timeline samples (see `timeline`)"),
     MetaField(
-        "extra.timeline_max_samples", "integer", "cap on timeline samples (see `timeline`)"
+        "extra.timeline_sample_times",
+        "array of numbers",
+        "epoch seconds of every timeline sample kept, rows or not (since version 2)",
     ),
     MetaField("report_time", "number", "the `now` that ages and leak flags were computed at"),
     MetaField("files", "array of strings", "table files written, in order"),
@@ -333,7 +343,7 @@ def connection_row(conn: Connection, now: float) -> dict[str, object]:
     }
 
 
-def _columns_frame(table: str, data: dict[str, list[Any]]) -> pd.DataFrame:
+def frame_from_columns(table: str, data: dict[str, list[Any]]) -> pd.DataFrame:
     """Like to_frame, from columns instead of rows: no dict per row, so 100k
     sockets cost one list per column (issue 6: peak memory and time at report)."""
     names = [c.name for c in columns(table)]
@@ -360,9 +370,7 @@ def _common_columns(conns: Sequence[Connection]) -> dict[str, list[Any]]:
         "direction": [c.direction.value for c in conns],
         "opened_at": [c.opened_at for c in conns],
         "first_seen": [c.first_seen for c in conns],
-        "stack": [
-            folded.get(c.stack) or folded.setdefault(c.stack, c.folded_stack) for c in conns
-        ],
+        "stack": [folded.get(c.stack) or folded.setdefault(c.stack, c.folded_stack) for c in conns],
         "stack_status": [c.stack_status.value for c in conns],
         "bytes_sent": [c.bytes_sent for c in conns],
         "bytes_received": [c.bytes_received for c in conns],
@@ -380,7 +388,7 @@ def open_sockets_frame(
     data["age_is_lower_bound"] = [c.opened_at is None for c in conns]
     data["leak"] = [is_leak(c, now, threshold_s) for c in conns]
     data["leak_class"] = [classify(c).value for c in conns]
-    return _columns_frame("open_sockets", data)
+    return frame_from_columns("open_sockets", data)
 
 
 def connections_frame(connections: Iterable[Connection], now: float) -> pd.DataFrame:
@@ -391,4 +399,4 @@ def connections_frame(connections: Iterable[Connection], now: float) -> pd.DataF
     data["final_state"] = [c.state.name for c in conns]
     data["fd_closed_by_app"] = [c.fd_closed for c in conns]
     data["close_cause"] = [c.close_cause.value for c in conns]
-    return _columns_frame("connections", data)
+    return frame_from_columns("connections", data)

@@ -22,6 +22,7 @@ from tcptrace.errors import ReportError
 from tcptrace.fileio import prepare_output_dir, write_atomic
 from tcptrace.report.schema import (
     SCHEMA_VERSION,
+    conform,
     connections_frame,
     open_sockets_frame,
     to_frame,
@@ -149,12 +150,12 @@ def write_report(
     threshold_s: float,
     meta: RunMeta,
     writers: Sequence[TableWriter] = DEFAULT_WRITERS,
-    timeline: Sequence[Mapping[str, object]] = (),
+    timeline: pd.DataFrame | Sequence[Mapping[str, object]] = (),
     history: StreamedTable | None = None,
 ) -> ReportPaths:
     """Write open_sockets, connections and timeline through every writer, then meta.json.
 
-    `timeline` holds TimelineRecorder.rows(); without it the timeline table is
+    `timeline` holds TimelineRecorder.frame() (or rows); without it the timeline table is
     written empty, so every report has the same files. `history`, when given,
     holds the connections rows streamed during the trace; `connections` rows
     are appended to it (the sockets still open, and those the ledger closed).
@@ -179,7 +180,11 @@ def write_report(
     builders: dict[str, Callable[[], pd.DataFrame]] = {
         "open_sockets": lambda: open_sockets_frame(connections, now, threshold_s),
         "connections": lambda: connections_frame(connections, now),
-        "timeline": lambda: to_frame("timeline", timeline),
+        "timeline": lambda: (
+            conform("timeline", timeline)
+            if isinstance(timeline, pd.DataFrame)
+            else to_frame("timeline", timeline)
+        ),
     }
     written: list[Path] = []
     rows: dict[str, int] = {}

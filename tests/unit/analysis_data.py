@@ -162,8 +162,8 @@ def demo_connections(
 
 def replay_timeline(
     conns: list[Connection], t0: float, end: float, threshold_s: float, interval: float = 1.0
-) -> list[dict[str, object]]:
-    """TimelineRecorder rows as the tracer would have sampled them during [t0, end]."""
+) -> TimelineRecorder:
+    """A TimelineRecorder as the tracer would have sampled it during [t0, end]."""
     recorder = TimelineRecorder()
     t = t0
     times = []
@@ -179,7 +179,7 @@ def replay_timeline(
             and (c.closed_at is None or c.closed_at > now)
         ]
         recorder.sample(now, alive, threshold_s)
-    return recorder.rows()
+    return recorder
 
 
 def write_demo_report(
@@ -195,6 +195,7 @@ def write_demo_report(
 ) -> Path:
     conns = demo_connections(leak, ok, build, fixed=fixed)
     end = T0 + duration
+    timeline = replay_timeline(conns, T0, end, threshold_s)
     meta = RunMeta(
         tool_version="0.1.0",
         schema_version=SCHEMA_VERSION,
@@ -215,9 +216,8 @@ def write_demo_report(
                 else {str(SERVER): 4 + leak + ok, str(CLIENT): 5 + leak},
             },
             "sample_interval_s": 1.0,
+            "timeline_sample_times": timeline.sample_times(),
         },
     )
-    write_report(
-        out, conns, end, threshold_s, meta, timeline=replay_timeline(conns, T0, end, threshold_s)
-    )
+    write_report(out, conns, end, threshold_s, meta, timeline=timeline.frame())
     return out

@@ -12,7 +12,7 @@ from tcptrace.analysis import analyze, sites_frame
 from tcptrace.analysis.callsites import Analysis, SiteStats, slope_per_min
 from tcptrace.analysis.render import render_json, render_text, to_json_dict
 from tcptrace.events import TcpState
-from tcptrace.report import load_report, write_report
+from tcptrace.report import TABLES, load_report, write_report
 from tcptrace.report.summary import UNKNOWN_STACK_KEY
 from tests.unit.analysis_data import CLIENT, RLIMIT, SERVER, write_demo_report
 from tests.unit.test_report_io import make_conn, run_meta
@@ -196,3 +196,55 @@ def test_untracked_sockets_are_noted(tmp_path: Path) -> None:
     analysis = analyze(load_report(tmp_path))
     assert analysis.untracked_open == 1 and analysis.flagged == 1
     assert "1 open sockets were untracked" in render_text(analysis)
+
+
+def step_rows(dense: bool) -> list[dict[str, object]]:
+    """10 sockets of one call site opened at the sixth of 11 samples; nothing before."""
+    return [
+        {
+            "t": NOW - 10 + i,
+            "pid": 100,
+            "comm": "app",
+            "call_site": "main;handler;connect",
+            "open_count": 10 if i >= 5 else 0,
+            "flagged_count": 0,
+            "oldest_age_s": None if i < 5 else float(i - 5),
+        }
+        for i in range(11)
+        if dense or i >= 5
+    ]
+
+
+def test_sparse_timeline_grows_from_the_samples_where_nothing_was_open(tmp_path: Path) -> None:
+    # Version 2: samples with nothing open have no row; meta.json lists every sample
+    # time, and they count as 0, as the dense grid of version 1 said explicitly.
+    conns = [make_conn(key=i, opened_at=NOW - 5) for i in range(10)]
+    times = [NOW - 10 + i for i in range(11)]
+    extra = {"timeline_sample_times": times}
+    out = tmp_path / "v2"
+    write_report(out, conns, NOW, 30.0, run_meta(extra=extra), timeline=step_rows(dense=False))
+    sparse = analyze(load_report(out))
+    expected = slope_per_min(range(11), [10 if i >= 5 else 0 for i in range(11)])
+    assert expected is not None and expected > 0
+    assert sparse.sites[0].growth_per_min == pytest.approx(expected)
+    assert sparse.timeline_samples == 11
+    # Without the sample times, the same rows would read as flat: the times matter.
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["extra"]["timeline_sample_times"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert analyze(load_report(out)).sites[0].growth_per_min == pytest.approx(0.0)
+
+
+def test_version_1_report_with_a_dense_timeline_reads_the_same(tmp_path: Path) -> None:
+    conns = [make_conn(key=i, opened_at=NOW - 5) for i in range(10)]
+    out = tmp_path / "v1"
+    write_report(out, conns, NOW, 30.0, run_meta(), timeline=step_rows(dense=True))
+    meta = json.loads((out / "meta.json").read_text())
+    meta["schema_version"] = 1
+    (out / "meta.json").write_text(json.dumps(meta))
+    for table in TABLES:  # as version 1 wrote them
+        (out / f"{table}.parquet").unlink()
+    dense = analyze(load_report(out))
+    expected = slope_per_min(range(11), [10 if i >= 5 else 0 for i in range(11)])
+    assert dense.sites[0].growth_per_min == pytest.approx(expected)
+    assert dense.timeline_samples == 11

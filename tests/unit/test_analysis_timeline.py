@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import tcptrace
+from tcptrace.analysis import timeline_grid
 from tcptrace.errors import ReportError
 from tcptrace.events import TcpState
 from tcptrace.report import TABLES, TimelineRecorder, load_report, write_report
@@ -23,6 +24,13 @@ from tests.unit.test_report_io import make_conn, run_meta
 NOW = 1_700_000_100.0
 
 
+def rows(rec: TimelineRecorder) -> list[dict[str, object]]:
+    columns = rec.columns()
+    return [
+        dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
+    ]
+
+
 def test_sample_counts_open_and_flagged_per_pid_and_site() -> None:
     rec = TimelineRecorder()
     old = make_conn(key=1, opened_at=NOW - 60, state=TcpState.CLOSE_WAIT)
@@ -31,8 +39,8 @@ def test_sample_counts_open_and_flagged_per_pid_and_site() -> None:
     closed = make_conn(key=4, closed_at=NOW - 1)  # ignored: not open
     listener = make_conn(key=5, state=TcpState.LISTEN, stack=("main", "listen"))
     rec.sample(NOW, [old, young, other_pid, closed, listener], threshold_s=30.0)
-    rows = {(r["pid"], r["call_site"]): r for r in rec.rows()}
-    assert rows[(100, "main;handler;connect")] == {
+    by_pair = {(r["pid"], r["call_site"]): r for r in rows(rec)}
+    assert by_pair[(100, "main;handler;connect")] == {
         "t": NOW,
         "pid": 100,
         "comm": "app",
@@ -41,36 +49,69 @@ def test_sample_counts_open_and_flagged_per_pid_and_site() -> None:
         "flagged_count": 1,
         "oldest_age_s": 60.0,
     }
-    assert rows[(7, "main;handler;connect")]["flagged_count"] == 1
-    assert rows[(100, "main;listen")]["open_count"] == 1
-    assert rows[(100, "main;listen")]["flagged_count"] == 0  # listeners are never leaks
-    assert len(rows) == 3
+    assert by_pair[(7, "main;handler;connect")]["flagged_count"] == 1
+    assert by_pair[(100, "main;listen")]["open_count"] == 1
+    assert by_pair[(100, "main;listen")]["flagged_count"] == 0  # listeners are never leaks
+    assert len(by_pair) == 3
 
 
 def test_placeholder_call_site_for_preexisting() -> None:
     rec = TimelineRecorder()
     pre = make_conn(opened_at=None, stack=(), stack_status=StackStatus.UNKNOWN)
     rec.sample(NOW, [pre], 30.0)
-    assert [r["call_site"] for r in rec.rows()] == [UNKNOWN_STACK_KEY]
+    assert [r["call_site"] for r in rows(rec)] == [UNKNOWN_STACK_KEY]
 
 
-def test_grid_is_dense_and_back_filled() -> None:
+def test_rows_are_sparse_with_a_zero_row_after_the_last_close() -> None:
     rec = TimelineRecorder()
     a = make_conn(key=1, stack=("a",), opened_at=NOW)
     b = make_conn(key=2, stack=("b",), opened_at=NOW + 1)
     rec.sample(NOW + 0.5, [a], 30.0)
     rec.sample(NOW + 1.5, [a, b], 30.0)
-    rec.sample(NOW + 2.5, [b], 30.0)  # a closed: still gets a row, with 0
-    rows = rec.rows()
-    assert [(r["t"], r["call_site"], r["open_count"]) for r in rows] == [
+    rec.sample(NOW + 2.5, [b], 30.0)  # a closed: one row with 0
+    rec.sample(NOW + 3.5, [b], 30.0)  # a: no row
+    rec.sample(NOW + 4.5, [], 30.0)  # b closed: one row with 0
+    rec.sample(NOW + 5.5, [], 30.0)  # nothing open: no row, but a sample time
+    rec.sample(NOW + 6.5, [a], 30.0)  # a again
+    got = rows(rec)
+    assert [(r["t"], r["call_site"], r["open_count"]) for r in got] == [
         (NOW + 0.5, "a", 1),
-        (NOW + 0.5, "b", 0),  # back-filled: b did not exist yet
         (NOW + 1.5, "a", 1),
         (NOW + 1.5, "b", 1),
         (NOW + 2.5, "a", 0),
         (NOW + 2.5, "b", 1),
+        (NOW + 3.5, "b", 1),
+        (NOW + 4.5, "b", 0),
+        (NOW + 6.5, "a", 1),
     ]
-    assert rows[1]["oldest_age_s"] is None and rows[0]["oldest_age_s"] == 0.5
+    assert got[3]["oldest_age_s"] is None and got[0]["oldest_age_s"] == 0.5
+    assert rec.sample_times() == [NOW + 0.5 + i for i in range(7)]
+
+
+def test_rows_do_not_grow_with_processes_that_came_and_went() -> None:
+    # issue 7 (soak): the dense grid of version 1 had a row per sample for every
+    # (pid, call site) ever seen: 200 short-lived children x 1000 samples = 200,000
+    # rows. Sparse, each child costs its own samples plus one zero row.
+    rec = TimelineRecorder()
+    children = [make_conn(key=i, pid=1000 + i, opened_at=NOW + 5 * i) for i in range(200)]
+    for s in range(1000):
+        now = NOW + s
+        rec.sample(now, [c for i, c in enumerate(children) if 5 * i <= s < 5 * i + 3], 30.0)
+    got = rows(rec)
+    assert len(got) == 200 * (3 + 1)
+    assert [r["open_count"] for r in got if r["pid"] == 1007] == [1, 1, 1, 0]
+    assert rec.sample_count == 1000
+
+
+def test_frame_has_the_declared_columns_and_dtypes() -> None:
+    rec = TimelineRecorder()
+    rec.sample(NOW, [make_conn(opened_at=NOW - 1)], 30.0)
+    rec.sample(NOW + 1, [], 30.0)
+    frame = rec.frame()
+    assert list(frame.columns) == [c.name for c in TABLES["timeline"]]
+    assert [str(t) for t in frame.dtypes] == [c.dtype for c in TABLES["timeline"]]
+    assert frame["open_count"].tolist() == [1, 0]
+    assert frame["oldest_age_s"].isna().tolist() == [False, True]
 
 
 def test_thinning_bounds_samples_and_keeps_first_and_last() -> None:
@@ -78,7 +119,8 @@ def test_thinning_bounds_samples_and_keeps_first_and_last() -> None:
     conn = make_conn(opened_at=0.0, first_seen=0.0)
     for i in range(101):
         rec.sample(float(i), [conn], 30.0)
-    times = [float(str(r["t"])) for r in rec.rows()]
+    times = [float(str(r["t"])) for r in rows(rec)]
+    assert rec.sample_times()[0] == 0.0 and rec.sample_times()[-1] == 100.0
     assert rec.sample_count <= 10
     assert times[0] == 0.0 and times[-1] == 100.0
     assert times == sorted(times)
@@ -159,3 +201,22 @@ def test_replayed_sockets_match_final_state() -> None:
     client = [c for c in conns if c.pid == CLIENT and c.direction.value == "connect"]
     assert sum(c.is_open for c in client) == 3
     assert all(dataclasses.replace(c).stack for c in client)
+
+
+def test_timeline_grid_has_every_sample_and_zeros(tmp_path: Path) -> None:
+    rec = TimelineRecorder()
+    a = make_conn(key=1, stack=("a",), opened_at=NOW)
+    rec.sample(NOW, [], 30.0)  # nothing open yet: no row
+    rec.sample(NOW + 1, [a], 30.0)
+    rec.sample(NOW + 2, [], 30.0)  # a closed: a zero row
+    rec.sample(NOW + 3, [], 30.0)  # no row
+    extra = {"timeline_sample_times": rec.sample_times()}
+    write_report(tmp_path, [], NOW + 3, 30.0, run_meta(extra=extra), timeline=rec.frame())
+    report = load_report(tmp_path)
+    assert len(report.timeline) == 2
+    grid = timeline_grid(report, by="call_site")
+    assert [t.timestamp() for t in grid.index] == [NOW, NOW + 1, NOW + 2, NOW + 3]
+    assert grid["a"].tolist() == [0, 1, 0, 0]
+    assert timeline_grid(report, by="pid")[100].tolist() == [0, 1, 0, 0]
+    with pytest.raises(ValueError, match="by must be"):
+        timeline_grid(report, by="state")

@@ -291,7 +291,8 @@ def test_meta_json_not_an_object(report_dir: Path) -> None:
 def test_newer_schema_version(report_dir: Path) -> None:
     rewrite_meta(report_dir, schema_version=7)
     assert refused(report_dir) == (
-        "report schema version 7 is newer than this tcptrace understands (1); upgrade tcptrace"
+        f"report schema version 7 is newer than this tcptrace understands ({SCHEMA_VERSION});"
+        " upgrade tcptrace"
     )
 
 
