@@ -19,7 +19,11 @@ VARIANTS: dict[str, str] = {
     "tcptrace": "(b) tcptrace --pid",
     "tcplife": "(c) tcplife-bpfcc -p",
     "ss": "(d) ss -tanp every 1s",
+    # The floor: the issue's own prototype probes (benchmarks/prototype.py), no user space.
+    "prototype": "(e) prototype: ledger, stack at connect",
+    "prototype_accept": "(f) prototype + stack at accept",
 }
+TOOLS_WITH_A_PROCESS = ("tcptrace", "tcplife", "prototype", "prototype_accept")
 
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*(?:/s)?\s*$")
 _ATTACH_RE = re.compile(r"probes attached in (\d+(?:\.\d+)?)\s*s")
@@ -63,7 +67,7 @@ def rate_label(rate: float) -> str:
 
 def parse_variants(text: str) -> list[str]:
     """Comma-separated variant keys or letters: "a,b", "untraced,tcptrace", "all"."""
-    letters = dict(zip("abcd", VARIANTS, strict=True))
+    letters = dict(zip("abcdef", VARIANTS, strict=True))
     if text.strip().lower() == "all":
         return list(VARIANTS)
     out: list[str] = []
@@ -73,7 +77,9 @@ def parse_variants(text: str) -> list[str]:
             continue
         key = letters.get(key, key)
         if key not in VARIANTS:
-            raise ValueError(f"unknown variant {part!r}: one of a,b,c,d or {', '.join(VARIANTS)}")
+            raise ValueError(
+                f"unknown variant {part!r}: one of {','.join(letters)} or {', '.join(VARIANTS)}"
+            )
         if key not in out:
             out.append(key)
     if not out:
@@ -383,7 +389,7 @@ def overhead_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     for s in summaries:
         variant = str(s["variant"])
         tool_cpu = "-"
-        if variant in ("tcptrace", "tcplife"):
+        if variant in TOOLS_WITH_A_PROCESS:
             tool_cpu = fmt_num(s.get("tool_cpu_pct"), 1, "%")
         elif variant == "ss":
             tool_cpu = fmt_num(s.get("tool_poll_ms"), 0, " ms/poll")
@@ -434,16 +440,22 @@ def _seen_text(s: Mapping[str, Any]) -> str:
 
 
 def bpf_cost_table(runs: Sequence[Mapping[str, Any]]) -> str:
-    """Medians over the tcptrace runs of each rate: per program, runs per connection,
-    ns per run and ns per connection, and the sum over programs."""
-    by_rate: dict[float, list[Mapping[str, Any]]] = {}
+    """Medians over the runs of each (rate, variant) with BPF programs (tcptrace and the
+    prototypes): per program, runs per connection, ns per run and ns per connection,
+    and the sum over programs."""
+    by_cell: dict[tuple[float, str], list[Mapping[str, Any]]] = {}
     for run in runs:
-        if run.get("ok") and run.get("variant") == "tcptrace" and run.get("bpf_cost"):
-            by_rate.setdefault(float(run["rate_target"]), []).append(run["bpf_cost"])
-    headers = ["rate", "program", "runs", "runs/conn", "ns/run", "ns/conn"]
+        if run.get("ok") and run.get("bpf_cost"):
+            key = (float(run["rate_target"]), str(run["variant"]))
+            by_cell.setdefault(key, []).append(run["bpf_cost"])
+    headers = ["rate", "variant", "program", "runs", "runs/conn", "ns/run", "ns/conn"]
     rows: list[list[str]] = []
-    for rate in sorted(by_rate, key=lambda r: (r == 0, r)):
-        costs = by_rate[rate]
+    order = list(VARIANTS)
+    for rate, variant in sorted(
+        by_cell, key=lambda k: (k[0] == 0, k[0], order.index(k[1]) if k[1] in order else 99)
+    ):
+        costs = by_cell[(rate, variant)]
+        label = VARIANTS.get(variant, variant)
         names = sorted({name for cost in costs for name in cost})
         total: list[float] = [sum(c["ns_per_conn"] for c in cost.values()) for cost in costs]
         for name in names:
@@ -451,6 +463,7 @@ def bpf_cost_table(runs: Sequence[Mapping[str, Any]]) -> str:
             rows.append(
                 [
                     rate_label(rate),
+                    label,
                     name,
                     str(len(values)),
                     fmt_num(median(v["runs_per_conn"] for v in values), 2),
@@ -458,6 +471,8 @@ def bpf_cost_table(runs: Sequence[Mapping[str, Any]]) -> str:
                     fmt_num(median(v["ns_per_conn"] for v in values)),
                 ]
             )
-        rows.append([rate_label(rate), "**all programs**", str(len(costs)), "", "",
-                     fmt_num(median(total))])
+        rows.append(
+            [rate_label(rate), label, "**all programs**", str(len(costs)), "", "",
+             fmt_num(median(total))]
+        )  # fmt: skip
     return markdown_table(headers, rows) if rows else ""

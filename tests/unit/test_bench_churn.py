@@ -68,7 +68,10 @@ def test_parse_rates_and_labels() -> None:
 
 
 def test_parse_variants() -> None:
-    assert bl.parse_variants("all") == ["untraced", "tcptrace", "tcplife", "ss"]
+    assert bl.parse_variants("all") == [
+        "untraced", "tcptrace", "tcplife", "ss", "prototype", "prototype_accept"
+    ]  # fmt: skip
+    assert bl.parse_variants("e,f") == ["prototype", "prototype_accept"]
     assert bl.parse_variants("a,b") == ["untraced", "tcptrace"]
     assert bl.parse_variants("tcplife, a ,a") == ["tcplife", "untraced"]
     with pytest.raises(ValueError, match="unknown variant"):
@@ -419,7 +422,7 @@ def test_script_quick_arguments() -> None:
     args = script.parse_args(["--quick"])
     assert args.runs == 1
     assert args.rate_list == [0.0, 5000.0]
-    assert args.variant_list == ["untraced", "tcptrace", "tcplife", "ss"]
+    assert args.variant_list == list(bl.VARIANTS)
     assert args.modes == ["overhead", "hold", "soak"]
     assert args.seconds * len(args.rate_list) * 4 + args.soak_minutes * 60 < 40
     default = script.parse_args([])
