@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import wraps
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -15,6 +15,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from tcptrace import __version__
+from tcptrace.closed_stdout import STDOUT_CLOSED_EXIT, discard_stdout, stdout_closed
 from tcptrace.errors import (
     EXIT_CODES,
     INTERNAL_ERROR_EXIT,
@@ -56,6 +57,20 @@ def _internal_error(exc: BaseException) -> NoReturn:
     sys.exit(INTERNAL_ERROR_EXIT)
 
 
+@contextlib.contextmanager
+def _quiet_exit_if_stdout_closed() -> Iterator[None]:
+    """`tcptrace doctor | head -1`: the reader left. Exit quietly, as a C tool would by
+    SIGPIPE, not as an internal error. A trace never gets here: its messages to a
+    closed stdout are dropped (tracer.tell) and the report is written."""
+    try:
+        yield
+    except BrokenPipeError:
+        if not stdout_closed():
+            raise  # another pipe or socket broke: a real error
+        discard_stdout()
+        sys.exit(STDOUT_CLOSED_EXIT)
+
+
 class OneLineErrors(click.Group):
     """click's own errors (bad option values, unknown options) as one line on stderr.
 
@@ -91,6 +106,16 @@ class OneLineErrors(click.Group):
                 latch.restore()
         sys.exit(rv if isinstance(rv, int) else 0)
 
+    # click ends a broken pipe in its own output (--help, --version) with exit 1,
+    # silently: 1 is our "internal error". Parsing happens in these two.
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _quiet_exit_if_stdout_closed():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _quiet_exit_if_stdout_closed():
+            return super().invoke(ctx)
+
 
 def _release_signals() -> None:
     """For commands other than a trace: default signal handling back, and if a
@@ -106,7 +131,8 @@ def mapped_errors(func: F) -> F:
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with _quiet_exit_if_stdout_closed():
+                return func(*args, **kwargs)
         except TcptraceError as exc:
             _fail(exc)
         except KeyboardInterrupt:
@@ -280,7 +306,6 @@ def _trace(
     live: bool,
     limits: dict[str, int | None],
 ) -> None:
-    import io
     import math
 
     from tcptrace.tracer import StopFlag, TraceOptions, default_output_dir, run_trace
@@ -294,7 +319,7 @@ def _trace(
         from tcptrace.live import LiveView
 
         view = LiveView(stop.set, stop.is_set, "pids " + " ".join(str(p) for p in pids))
-        out = io.StringIO()  # shown after the live screen is gone
+        out = view.stdout  # what is said under the live screen is printed after it
     options = TraceOptions(
         pids=tuple(pids),
         output_dir=requested,
@@ -311,17 +336,11 @@ def _trace(
         max_stacks=limits["max_stacks"],
         ringbuf_pages=limits["ringbuf_pages"],
     )
-    try:
-        if view is not None:
-            with view:
-                result = run_trace(options, out=out, stop=stop)
-        else:
+    if view is not None:
+        with view:
             result = run_trace(options, out=out, stop=stop)
-    finally:
-        if out is not sys.stdout:
-            with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
-                sys.stdout.write(out.getvalue())
-                sys.stdout.flush()
+    else:
+        result = run_trace(options, out=out, stop=stop)
     wanted = Path(requested).expanduser().resolve()
     if Path(result.output_dir).resolve() != wanted:
         raise ReportRescued(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from tcptrace.launch import GatedProcess
-from tcptrace.tracer import StopFlag, TraceOptions, TraceResult, run_trace
+from tcptrace.tracer import StopFlag, TraceOptions, TraceResult, run_trace, tell
 from tcptrace.workloads.build import build
 
 
@@ -33,7 +33,8 @@ def run_demo(
     force: bool,
     out: TextIO,
 ) -> TraceResult:
-    print("building the demo programs (Go)...", file=out, flush=True)
+    # tell, not print: with stdout closed (`| head -1`) the demo still traces and reports.
+    tell(out, "building the demo programs (Go)...")
     binary = build("leakydemo")
     port = _free_port()
     hold = f"{int(duration_s) + 30}s"  # outlive the trace; stopped explicitly below
@@ -56,11 +57,10 @@ def run_demo(
         ],
         stdout=subprocess.PIPE,
     )
-    print(
+    tell(
+        out,
         f"demo server pid {server.pid}, client pid {client.pid} "
         f"(client leaks {leak} connections and closes {ok}; the server closes none)",
-        file=out,
-        flush=True,
     )
 
     def start_workloads() -> None:
@@ -87,9 +87,9 @@ def run_demo(
     finally:
         client.stop()
         server.stop()
-    print(
+    tell(
+        out,
         "\nnext: load it in pandas with tcptrace.report.load_report("
         f"{str(result.output_dir)!r}), or open {result.output_dir}/open_sockets.csv",
-        file=out,
     )
     return result

@@ -6,7 +6,6 @@ place, on purpose (hence the import inside the function).
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -28,12 +27,12 @@ def _forget_closed_stdout() -> None:
     Otherwise the interpreter's last flush fails on the way out and turns the
     exit code into 120 after a trace whose report was written fine.
     """
+    from tcptrace.closed_stdout import discard_stdout
+
     try:
         sys.stdout.flush()
     except (OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        discard_stdout()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,13 +5,16 @@ second). Pure parts (`LiveModel`, `render`) turn ticks into a rich renderable an
 are tested from recorded ticks; `LiveView` owns the terminal: the alternate
 screen (so the shell's scrollback is left as it was), the keyboard (q stops the
 trace; Ctrl-C is a SIGINT and stops it too), and restoring both on every exit.
-The report is written by the tracer as in any trace; the CLI prints the usual
-summary once the screen is gone.
+The report is written by the tracer as in any trace. Lines printed while the
+screen is up (the tracer's on `LiveView.stdout`, warnings on stderr) would go
+with the alternate screen: they are kept and printed, in order, once it is gone
+(warnings are also shown on the screen meanwhile).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import select
 import statistics
@@ -152,6 +155,7 @@ def render(
     targets: str,
     max_rows: int = 30,
     stopping: str = "",
+    notes: Sequence[str] = (),
 ) -> RenderableType:
     """The whole screen for one tick."""
     total_open = sum(r.open_count for r in rows)
@@ -199,7 +203,41 @@ def render(
     if not rows:
         parts.append(Text("no open sockets", style="dim"))
     parts += [Text(""), render_losses(tick.losses)]
+    # Warnings printed during the trace; shown again once the screen is gone.
+    parts += [Text(note, style="yellow", no_wrap=True, overflow="ellipsis") for note in notes]
     return Group(*parts)
+
+
+MAX_NOTES = 3  # warnings shown on the screen, the latest
+
+
+class _Held(io.TextIOBase):
+    """Writes to `target`, except while the live screen is up: then they are kept by
+    the view, in order with the other held stream's, and written once it is gone."""
+
+    def __init__(self, view: LiveView, target: TextIO) -> None:
+        super().__init__()
+        self._view = view
+        self.target = target
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str, /) -> int:
+        if not self._view.holding:
+            return self.target.write(text)
+        self._view.hold(self, text)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._view.holding:
+            self.target.flush()
+
+    def isatty(self) -> bool:
+        return self.target.isatty()
+
+    def fileno(self) -> int:
+        return self.target.fileno()
 
 
 class LiveView:
@@ -228,6 +266,14 @@ class LiveView:
         self._thread: threading.Thread | None = None
         self._saved_tty: Any = None
         self.errors = 0
+        # Lines written while the screen is up, kept for after it (lock-free: a
+        # write may come from inside a draw, which holds self._lock).
+        self.holding = False
+        self._held: list[tuple[_Held, str]] = []
+        self._partial = ""  # of a held stderr line
+        self._notes: deque[str] = deque(maxlen=MAX_NOTES)
+        self.stdout = _Held(self, self._stream)  # the tracer's `out`
+        self._stderr: _Held | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     def __enter__(self) -> LiveView:
@@ -236,6 +282,8 @@ class LiveView:
             self._saved_tty = termios.tcgetattr(fd)
             # cbreak, not raw: keys arrive one by one, but Ctrl-C stays a SIGINT.
             tty.setcbreak(fd)
+        self._stderr = _Held(self, sys.stderr)
+        sys.stderr = self._stderr
         self._thread = threading.Thread(target=self._watch, name="tcptrace-live", daemon=True)
         self._thread.start()
         return self
@@ -251,15 +299,39 @@ class LiveView:
             self._thread.join(2.0)
         # The terminal may be gone (SIGHUP): restoring it then fails, and must not
         # turn a trace whose report is written into an error.
-        with self._lock:
-            if self._live is not None:
-                with contextlib.suppress(OSError):
-                    self._live.stop()  # leaves the alternate screen, shows the cursor
-                self._live = None
-        fd = self._stdin_tty()
-        if self._saved_tty is not None and fd is not None:
-            with contextlib.suppress(OSError, termios.error):
-                termios.tcsetattr(fd, termios.TCSADRAIN, self._saved_tty)
+        try:
+            with self._lock:
+                if self._live is not None:
+                    with contextlib.suppress(OSError):
+                        self._live.stop()  # leaves the alternate screen, shows the cursor
+                    self._live = None
+        finally:
+            self._release_held()
+            fd = self._stdin_tty()
+            if self._saved_tty is not None and fd is not None:
+                with contextlib.suppress(OSError, termios.error):
+                    termios.tcsetattr(fd, termios.TCSADRAIN, self._saved_tty)
+
+    def hold(self, stream: _Held, text: str) -> None:
+        self._held.append((stream, text))
+        if stream is self._stderr:
+            self._partial += text
+            *lines, self._partial = self._partial.split("\n")
+            self._notes.extend(line for line in lines if line.strip())
+
+    def _release_held(self) -> None:
+        """Stop holding, give stderr back, and print what was held, in order."""
+        self.holding = False
+        if self._stderr is not None and sys.stderr is self._stderr:
+            sys.stderr = self._stderr.target
+        held, self._held = self._held, []
+        # The terminal may be gone (SIGHUP): the report is written all the same.
+        for stream, text in held:
+            with contextlib.suppress(OSError, ValueError):
+                stream.target.write(text)
+        for stream in {stream for stream, _ in held}:
+            with contextlib.suppress(OSError, ValueError):
+                stream.target.flush()
 
     def _stdin_tty(self) -> int | None:
         try:
@@ -295,15 +367,18 @@ class LiveView:
                 redirect_stdout=False,
                 redirect_stderr=False,
             )
+            self.holding = True  # from here on, a line printed would vanish with the screen
             self._live.start()
         height = self._live.console.size.height
+        notes = list(self._notes)
         screen = render(
             tick,
             rows,
             self._model.started,
             self._targets,
-            max_rows=max(height - 8, 3),
+            max_rows=max(height - 8 - len(notes), 3),
             stopping=stopping,
+            notes=notes,
         )
         self._live.update(screen, refresh=True)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tcptrace.sockets import StackStatus
+from tcptrace.system import inspection_denied
 
 UNKNOWN_SYMBOL = "[unknown]"
 
@@ -124,6 +125,12 @@ class StackSymbolizer:
     `addresses(stack_id)` returns raw user addresses innermost first (bcc's
     order); `symbol(addr, pid)` returns (name, module). Both come from the
     capture so this module stays free of bcc.
+
+    A stack with no name at all is a loss, counted by cause: `stacks_unreadable_process`
+    when tcptrace may not read the process (`denied`: another user's or a
+    non-dumpable process, e.g. a --follow-forks child that dropped privileges,
+    without CAP_SYS_PTRACE), else `stacks_unsymbolized`. `on_unreadable(pid)` is
+    told once per such process, so the user can be told which and why.
     """
 
     def __init__(
@@ -133,6 +140,8 @@ class StackSymbolizer:
         with_lines: bool = True,
         proc_root: str = "/proc",
         kernel_symbol: Callable[[int], str] | None = None,
+        denied: Callable[[int], bool] = inspection_denied,
+        on_unreadable: Callable[[int], None] | None = None,
     ) -> None:
         self._addresses = addresses
         self._symbol = symbol
@@ -140,7 +149,12 @@ class StackSymbolizer:
         self._lines = LineResolver() if with_lines else None
         self._proc = proc_root
         self._cache: dict[tuple[int, int, int], tuple[tuple[str, ...], StackStatus]] = {}
-        self.counters: Counter[str] = Counter({"stacks_unsymbolized": 0})
+        self._denied = denied
+        self._on_unreadable = on_unreadable
+        self._unreadable: set[int] = set()  # processes already reported
+        self.counters: Counter[str] = Counter(
+            {"stacks_unsymbolized": 0, "stacks_unreadable_process": 0}
+        )
 
     def resolve(
         self, tgid: int, stack_id: int, kernel_stack_id: int = -1
@@ -165,6 +179,7 @@ class StackSymbolizer:
         """Drop cached stacks of an exited process (its pid may come back as another)."""
         for key in [k for k in self._cache if k[0] == tgid]:
             del self._cache[key]
+        self._unreadable.discard(tgid)
 
     def _resolve(self, tgid: int, stack_id: int) -> tuple[tuple[str, ...], StackStatus]:
         addrs = self._addresses(stack_id)
@@ -180,7 +195,14 @@ class StackSymbolizer:
             frames.append(f"{label} ({loc})" if loc else label)
         frames.reverse()  # folded-stack order: outermost caller first
         if all(n in ("", UNKNOWN_SYMBOL) for n in names):
-            self.counters["stacks_unsymbolized"] += 1
+            if self._denied(tgid):
+                self.counters["stacks_unreadable_process"] += 1
+                if tgid not in self._unreadable:
+                    self._unreadable.add(tgid)
+                    if self._on_unreadable is not None:
+                        self._on_unreadable(tgid)
+            else:
+                self.counters["stacks_unsymbolized"] += 1
             return tuple(frames), StackStatus.UNSYMBOLIZED
         return tuple(frames), StackStatus.OK
 

@@ -109,8 +109,11 @@ def missing_capabilities() -> list[str]:
 
     missing = []
     if not has(CAP_SYS_ADMIN):  # CAP_SYS_ADMIN alone stands for both
-        missing += [name for bit, name in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON"))
-                    if not has(bit)]
+        missing += [
+            name
+            for bit, name in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON"))
+            if not has(bit)
+        ]
     if tracefs_denied():
         missing.append("CAP_DAC_READ_SEARCH")
     return missing
@@ -156,25 +159,41 @@ def require_privileges() -> None:
     )
 
 
-def require_inspectable(pid: int, comm: str) -> None:
-    """Raise PermissionProblem if this process may not follow pid's /proc links.
+def inspection_denied(pid: int) -> bool:
+    """True when this process may not follow pid's /proc links (fd, root).
 
     The start-up snapshot reads the /proc/PID/fd links, and bcc opens the
     binaries to symbolize through /proc/PID/root: both need ptrace read access,
     which another user's process (or one that is not dumpable) only grants with
-    CAP_SYS_PTRACE (CAP_PERFMON opens /proc/PID/maps, not these). Without it the
-    report would silently lack the sockets open before tracing and every name.
+    CAP_SYS_PTRACE (CAP_PERFMON opens /proc/PID/maps, not these). False for a
+    process that is gone: the trace deals with exits.
     """
     try:
         os.readlink(f"/proc/{pid}/root")  # the same check as /proc/PID/fd/N
     except PermissionError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def has_capability(bit: int) -> bool:
+    """Whether this process holds capability `bit` (CAP_*) in its effective set."""
+    return bool((effective_caps() or 0) & (1 << bit))
+
+
+def require_inspectable(pid: int, comm: str) -> None:
+    """Raise PermissionProblem if this process may not follow pid's /proc links.
+
+    Without it the report would silently lack the sockets open before tracing
+    and every name (see inspection_denied).
+    """
+    if inspection_denied(pid):
         raise PermissionProblem(
             f"cannot inspect pid {pid} ({comm}): reading its /proc/{pid}/fd and /proc/{pid}/root"
             " needs CAP_SYS_PTRACE (it belongs to another user, or is not dumpable)",
             "run it with sudo, or add CAP_SYS_PTRACE",
-        ) from None
-    except OSError:
-        return  # gone: the trace deals with exits
+        )
 
 
 def build_headers() -> tuple[str | None, bool]:

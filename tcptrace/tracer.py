@@ -51,6 +51,8 @@ from tcptrace.startup import (  # issue 7: checks, interruptible compile, target
     surviving_targets,
 )
 from tcptrace.system import (
+    CAP_SYS_PTRACE,
+    has_capability,
     is_alive,
     kernel_release,
     nofile_limit,
@@ -131,6 +133,13 @@ def _signals_stop(flag: StopFlag) -> Iterator[None]:
             signal.signal(s, h)
 
 
+def tell(out: TextIO, message: str) -> None:
+    """One line to the user. issue 7: a closed terminal or pipe (SIGHUP, `| head`) must
+    not cost the report: the line is dropped and the trace goes on."""
+    with suppress(OSError, ValueError):
+        print(message, file=out, flush=True)
+
+
 def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) -> TraceResult:
     # Import here: the capture module needs bcc, and `tcptrace report` must not.
     from tcptrace import snapshot
@@ -141,9 +150,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
 
     def say(message: str) -> None:
         if not options.quiet:
-            # issue 7: a closed terminal or pipe (SIGHUP, `| head`) must not cost the report.
-            with suppress(OSError, ValueError):
-                print(message, file=out, flush=True)
+            tell(out, message)
 
     fault = _injected_fault()  # issue 7: testing only, see _injected_fault
     if options.kernel_stacks and os.geteuid() != 0:
@@ -184,7 +191,10 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
                 f"threshold {options.threshold_s:g}s; Ctrl-C to stop and write the report"
             )
         symbolizer = StackSymbolizer(
-            cap.stack_addresses, cap.symbolize, kernel_symbol=cap.kernel_symbol
+            cap.stack_addresses,
+            cap.symbolize,
+            kernel_symbol=cap.kernel_symbol,
+            on_unreadable=_unreadable_warner(_warner()),
         )
         closed: list[Connection] = []  # closed by the ledger, not yet in the history
         ledger = Ledger(clock, symbolizer, on_closed=closed.append)
@@ -506,6 +516,48 @@ def _best_effort(make: Callable[[], T], default: T) -> T:
         return make()
     except Exception:
         return default
+
+
+MAX_UNREADABLE_NAMED = 5  # a forking service could make thousands: name a few
+
+
+def _unreadable_warner(warn: Callable[[str], None]) -> Callable[[int], None]:
+    """One line per traced process tcptrace may not read (the first few), naming it and
+    the missing capability. Preflight checks the --pid targets; a --follow-forks child
+    that became another user, or non-dumpable, is only found here."""
+    seen = 0
+
+    def unreadable(pid: int) -> None:
+        nonlocal seen
+        seen += 1
+        if seen > MAX_UNREADABLE_NAMED + 1:
+            return
+        if seen > MAX_UNREADABLE_NAMED:
+            warn(
+                "tcptrace: more processes cannot be symbolized (not named any more);"
+                " their stacks are counted as stacks_unreadable_process"
+            )
+            return
+        comm = _comm(pid)
+        why = (
+            "is denied although tcptrace has CAP_SYS_PTRACE"
+            if has_capability(CAP_SYS_PTRACE)
+            else "needs CAP_SYS_PTRACE, which tcptrace lacks"
+        )
+        warn(
+            f"tcptrace: cannot symbolize pid {pid} ({comm}): reading its /proc/{pid}/root {why}"
+            " (another user's or a non-dumpable process); its sockets are traced, its stacks"
+            " are left as addresses and counted as stacks_unreadable_process"
+        )
+
+    return unreadable
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def _warner() -> Callable[[str], None]:

@@ -19,7 +19,7 @@ import pytest
 
 from tcptrace.report import load_report
 from tcptrace.workloads.build import RunningWorkload, start
-from tests.kernel.trust import TCPTRACE
+from tests.kernel.trust import TCPTRACE, fill, tmpfs
 
 pytestmark = pytest.mark.usefixtures("root")
 
@@ -50,6 +50,10 @@ class Tmux:
 
     def screen(self) -> str:
         return self.run("capture-pane", "-p", "-t", "live")
+
+    def scrollback(self) -> list[str]:
+        """Every line the pane's main screen holds, history included, wrapped lines joined."""
+        return self.run("capture-pane", "-p", "-J", "-S", "-", "-t", "live").splitlines()
 
     def wait_screen(self, *needles: str, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
@@ -97,7 +101,7 @@ def test_live_view_in_a_terminal(
         "new-session", "-d", "-s", "live", "-x", "180", "-y", "40",
         sys.executable, "-c", RUNNER, str(status),
         TCPTRACE, "--pid", str(server.pid), "--live", "--threshold", "2s", "--output", str(out),
-    )
+    )  # fmt: skip
     # A detached session keeps tmux's default 80x24 unless the window is resized.
     tmux.run("resize-window", "-t", "live", "-x", "180", "-y", "40")
     # The screen appears once tracing runs: the listener, open since before.
@@ -127,3 +131,46 @@ def test_live_view_in_a_terminal(
     assert report.meta["extra"]["stop_reason"] == reason
     accepted = report.open_sockets[report.open_sockets.direction == "accept"]
     assert len(accepted) == 6 and accepted.leak.all()
+
+
+def test_lines_printed_under_the_live_screen_survive_it(
+    tmp_path: Path, tmux: Tmux, server: RunningWorkload
+) -> None:
+    """What the trace prints while the screen is up, on stdout and stderr, is not taken
+    away with the alternate screen: here the report's disk fills up during the live
+    view, so the end of the trace warns (stderr), rescues the report and says where."""
+    fallback, status = tmp_path / "fallback", tmp_path / "status.json"
+    fallback.mkdir()
+    with tmpfs(tmp_path / "small", "1m") as small:
+        out = small / "r"
+        tmux.run(
+            "new-session", "-d", "-s", "live", "-x", "180", "-y", "40",
+            "-e", f"TCPTRACE_FALLBACK_DIR={fallback}",
+            sys.executable, "-c", RUNNER, str(status),
+            TCPTRACE, "--pid", str(server.pid), "--live", "--output", str(out),
+        )  # fmt: skip
+        tmux.run("resize-window", "-t", "live", "-x", "180", "-y", "40")
+        tmux.wait_screen("tcptrace live", f"pids {server.pid}", "LISTEN 1")
+        fill(small)  # the report will not fit any more
+        tmux.run("send-keys", "-t", "live", "q")
+        deadline = time.monotonic() + 60
+        while not status.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ended = json.loads(status.read_text())
+    assert ended == {"rc": 11, "icanon": True}  # report rescued; terminal given back
+    (rescued,) = fallback.iterdir()
+    lines = tmux.scrollback()
+
+    def where(needle: str) -> int:
+        found = [i for i, line in enumerate(lines) if needle in line]
+        assert found, f"{needle!r} not on the terminal after the live screen:\n" + "\n".join(lines)
+        return found[0]
+
+    said = [
+        where("stopped: q pressed in the live view"),  # stdout
+        where(f"tcptrace: could not write the report to {out}: "),  # stderr
+        where(f"report written to {rescued}"),  # stdout
+        where(f"tcptrace: error: the report could not be written to {out}"),  # after the screen
+    ]
+    assert said == sorted(said), lines  # in the order they were printed
+    assert load_report(rescued).meta["extra"]["stop_reason"] == "q pressed in the live view"

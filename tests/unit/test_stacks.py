@@ -10,6 +10,7 @@ import pytest
 
 from tcptrace.sockets import StackStatus
 from tcptrace.stacks import LineResolver, Mapping, StackSymbolizer, parse_maps
+from tcptrace.tracer import MAX_UNREADABLE_NAMED, _unreadable_warner
 
 MAPS = """\
 55d0c0a00000-55d0c0a01000 r--p 00000000 fd:01 123 /usr/bin/prog
@@ -83,10 +84,30 @@ def test_symbolizer_reports_failures_instead_of_guessing() -> None:
     sym = StackSymbolizer(lambda _s: [], lambda a, _p: ("x", ""), with_lines=False)
     assert sym.resolve(1, -14) == ((), StackStatus.FAILED)
     assert sym.resolve(1, 3) == ((), StackStatus.FAILED)  # id evicted from the stack map
-    unknown = StackSymbolizer(lambda _s: [0x10], lambda a, _p: ("[unknown]", ""), with_lines=False)
+    unknown = StackSymbolizer(
+        lambda _s: [0x10], lambda a, _p: ("[unknown]", ""), with_lines=False,
+        denied=lambda _pid: False,
+    )  # fmt: skip
     frames, status = unknown.resolve(1, 1)
     assert status is StackStatus.UNSYMBOLIZED and frames == ("0x10",)
     assert unknown.counters["stacks_unsymbolized"] == 1
+    assert unknown.counters["stacks_unreadable_process"] == 0
+
+
+def test_a_process_tcptrace_may_not_read_is_its_own_loss_named_once() -> None:
+    told: list[int] = []
+    sym = StackSymbolizer(
+        lambda s: [0x10 + s], lambda a, _p: ("[unknown]", ""), with_lines=False,
+        denied=lambda pid: pid == 7, on_unreadable=told.append,
+    )  # fmt: skip
+    assert sym.resolve(7, 1) == (("0x11",), StackStatus.UNSYMBOLIZED)
+    assert sym.resolve(7, 2) == (("0x12",), StackStatus.UNSYMBOLIZED)
+    assert sym.resolve(8, 1) == (("0x11",), StackStatus.UNSYMBOLIZED)  # readable, no names
+    assert sym.counters == {"stacks_unreadable_process": 2, "stacks_unsymbolized": 1}
+    assert told == [7]  # once per process
+    sym.forget_process(7)  # exited: a new process under that pid is told again
+    sym.resolve(7, 1)
+    assert told == [7, 7]
 
 
 def test_kernel_frames_follow_the_user_frames_innermost_last() -> None:
@@ -103,3 +124,14 @@ def test_kernel_frames_follow_the_user_frames_innermost_last() -> None:
     assert frames == ("main", "connect", "[k] __sys_connect", "[k] tcp_v4_connect")
     assert status is StackStatus.OK
     assert sym.resolve(5, 1) == (("main", "connect"), StackStatus.OK)
+
+
+def test_unreadable_processes_are_named_up_to_a_few() -> None:
+    lines: list[str] = []
+    tell = _unreadable_warner(lines.append)
+    for pid in range(1_000_000, 1_000_000 + MAX_UNREADABLE_NAMED + 3):  # pids that are gone
+        tell(pid)
+    assert len(lines) == MAX_UNREADABLE_NAMED + 1  # then one line, then silence
+    assert lines[0].startswith("tcptrace: cannot symbolize pid 1000000 (?): reading its")
+    assert "CAP_SYS_PTRACE" in lines[0] and "stacks_unreadable_process" in lines[0]
+    assert lines[-1].startswith("tcptrace: more processes cannot be symbolized")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import sys
 
+import pytest
 from rich.console import Console
 
 from tcptrace.events import Direction, TcpState
-from tcptrace.live import LiveModel, render, render_losses
+from tcptrace.live import LiveModel, LiveView, render, render_losses
 from tcptrace.sockets import Connection, StackStatus
 from tcptrace.tick import TraceTick
 
@@ -18,9 +20,21 @@ OK = ("main", "client_loop", "dial_ok")
 
 def conn(key: int, stack: tuple[str, ...], opened: float, state: TcpState) -> Connection:
     return Connection(
-        key=key, pid=4242, tid=4242, comm="server", fd=key, family="ipv4",
-        laddr="127.0.0.1", lport=8080, raddr="127.0.0.1", rport=50000 + key, state=state,
-        direction=Direction.ACCEPT, opened_at=opened, first_seen=opened, stack=stack,
+        key=key,
+        pid=4242,
+        tid=4242,
+        comm="server",
+        fd=key,
+        family="ipv4",
+        laddr="127.0.0.1",
+        lport=8080,
+        raddr="127.0.0.1",
+        rport=50000 + key,
+        state=state,
+        direction=Direction.ACCEPT,
+        opened_at=opened,
+        first_seen=opened,
+        stack=stack,
         stack_status=StackStatus.OK,
     )
 
@@ -83,9 +97,22 @@ def test_brackets_in_frames_are_shown_not_read_as_markup() -> None:
     model = LiveModel(started=T0)
     odd = ("main", "[bold]evil[/bold] (x.c:1)")
     preexisting = Connection(
-        key=-1, pid=4242, tid=4242, comm="server", fd=3, family="ipv4", laddr="0.0.0.0",
-        lport=8080, raddr="", rport=0, state=TcpState.LISTEN, direction=Direction.PREEXISTING,
-        opened_at=None, first_seen=T0, stack=(), stack_status=StackStatus.UNKNOWN,
+        key=-1,
+        pid=4242,
+        tid=4242,
+        comm="server",
+        fd=3,
+        family="ipv4",
+        laddr="0.0.0.0",
+        lport=8080,
+        raddr="",
+        rport=0,
+        state=TcpState.LISTEN,
+        direction=Direction.PREEXISTING,
+        opened_at=None,
+        first_seen=T0,
+        stack=(),
+        stack_status=StackStatus.UNKNOWN,
     )
     t = tick(T0 + 5, [conn(1, odd, T0, TcpState.ESTABLISHED), preexisting])
     console = Console(file=io.StringIO(), width=160, record=True, color_system=None)
@@ -93,3 +120,40 @@ def test_brackets_in_frames_are_shown_not_read_as_markup() -> None:
     text = console.export_text()
     assert "[bold]evil[/bold] (x.c:1)" in text
     assert "[preexisting: stack unknown]" in text
+
+
+def test_lines_written_under_the_screen_are_printed_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    terminal, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich draws into `terminal` as into a tty
+    view = LiveView(lambda _why: None, lambda: False, "pids 4242", stream=terminal, keys=False)
+    socks = [conn(1, LEAK, T0, TcpState.ESTABLISHED)]
+    with view:
+        print("tracing pid(s) 4242", file=view.stdout, flush=True)  # no screen yet: at once
+        print("tcptrace: compiling...", file=sys.stderr, flush=True)
+        assert terminal.getvalue() == "tracing pid(s) 4242\n"
+        assert err.getvalue() == "tcptrace: compiling...\n"
+        view.tick(tick(T0, socks))  # the screen is up
+        assert "tcptrace live" in terminal.getvalue()
+        print("stopped: q pressed", file=view.stdout, flush=True)
+        print("tcptrace: could not write the report", file=sys.stderr, flush=True)
+        print("report written to /r", file=view.stdout, flush=True)
+        assert "stopped" not in terminal.getvalue() and "could not" not in err.getvalue()
+        drawn = len(terminal.getvalue())
+        view.tick(tick(T0 + 1, socks))  # the warning is on the screen meanwhile
+        assert "tcptrace: could not write the report" in terminal.getvalue()[drawn:]
+    assert sys.stderr is err  # given back
+    assert terminal.getvalue().endswith("stopped: q pressed\nreport written to /r\n")
+    assert err.getvalue() == "tcptrace: compiling...\ntcptrace: could not write the report\n"
+    assert view.errors == 0
+
+
+def test_warnings_under_the_screen_are_shown_on_it() -> None:
+    model = LiveModel(started=T0)
+    t = tick(T0 + 5, [conn(1, LEAK, T0, TcpState.ESTABLISHED)])
+    console = Console(file=io.StringIO(), width=160, record=True, color_system=None)
+    notes = ["tcptrace: cannot symbolize pid 77 (worker): reading its /proc/77/root needs"]
+    console.print(render(t, model.rows(t), T0, "pids 4242", notes=notes))
+    assert console.export_text().rstrip().endswith(notes[0])
