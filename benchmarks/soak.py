@@ -19,7 +19,9 @@ tcptrace is stopped with SIGINT and its report's open sockets are compared with
 ss, socket by socket: (pid, fd, state, local port, remote port).
 
 Verdicts (exit 0 only if all hold): tcptrace exited 0; the ledger equals ss; RSS
-is flat after warm-up (growth <= max(--rss-slack-mb, 10%)). Nonzero loss
+is flat after warm-up (growth <= max(--rss-slack-mb, 10%)); the peak RSS of the
+whole run, writing the final report included (ru_maxrss), is at most
+--max-peak-factor (1.5) x the RSS at the end of the trace. Nonzero loss
 counters are printed (and in soak.json), not judged: at high churn a few kernel
 recursion misses are expected and counted. Everything it starts dies with it
 (PR_SET_PDEATHSIG) and is stopped in `finally`.
@@ -266,6 +268,27 @@ class Sampler:
         self._stop.set()
 
 
+def wait_with_peak(proc: subprocess.Popen[str], timeout: float) -> tuple[int, float]:
+    """Wait for `proc`; returns its exit code and its peak RSS in MB over its whole
+    life (the kernel's ru_maxrss): the end-of-run report included, which RSS samples
+    every few seconds can miss."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_maxrss / 1024
+        if time.monotonic() >= deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.05)
+
+
+def peak_ok(peak_mb: float, end_mb: float, factor: float) -> bool:
+    """The whole run's peak (the final report included) within `factor` x the RSS
+    of the trace's last fifth: writing the report must not need a multiple of it."""
+    return peak_mb <= factor * end_mb
+
+
 def _lines(stream: Any, sink: list[str], cond: threading.Condition) -> None:
     for line in stream:
         with cond:
@@ -338,7 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ).stdout
         from_ss = parse_ss(ss_text, targets)
         tracer.send_signal(signal.SIGINT)
-        rc = tracer.wait(300)
+        rc, peak_mb = wait_with_peak(tracer, 300)
         sampler.stop()
         service.stdin.write("DONE\n")
         service.stdin.flush()
@@ -355,6 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples = [(s.t, s.rss_mb) for s in sampler.samples]
     verdict = rss_verdict(samples, warmup_s=min(120.0, seconds * 0.25), slack_mb=args.rss_slack_mb)
     cpu = sampler.samples[-1].cpu_s if sampler.samples else None
+    peak_fine = peak_ok(peak_mb, verdict.end_mb, args.max_peak_factor)
     losses = {k: v for k, v in report.meta["losses"].items() if v}
     summary: dict[str, Any] = {
         "minutes": args.minutes,
@@ -368,13 +392,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "only_in_ledger": sorted(from_ledger - from_ss)[:20],
         "only_in_ss": sorted(from_ss - from_ledger)[:20],
         "rss": asdict(verdict),
+        "peak_rss_mb": round(peak_mb, 1),
+        "peak_ok": peak_fine,
+        "max_peak_factor": args.max_peak_factor,
         "tcptrace_cpu_s": cpu,
         "tcptrace_cpu_pct": None if cpu is None else round(100 * cpu / max(seconds, 1), 1),
         "losses_nonzero": losses,
         "samples": [asdict(s) for s in sampler.samples],
         "report": str(report_dir),
     }
-    summary["ok"] = bool(rc == 0 and summary["ledger_equals_ss"] and verdict.flat)
+    summary["ok"] = bool(rc == 0 and summary["ledger_equals_ss"] and verdict.flat and peak_fine)
     (out_dir / "soak.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -400,6 +427,9 @@ def render(summary: dict[str, Any], every: int = 1) -> str:
     lines += [
         f"RSS after warm-up: {rss['baseline_mb']} MB -> {rss['end_mb']} MB"
         f" (peak {rss['peak_mb']}, slope {slope} MB/h): {'FLAT' if rss['flat'] else 'GROWING'}",
+        f"peak RSS of the whole run, final report included: {summary['peak_rss_mb']} MB"
+        f" (limit {summary['max_peak_factor']:g} x {rss['end_mb']} MB):"
+        f" {'OK' if summary['peak_ok'] else 'TOO HIGH'}",
         f"tcptrace CPU: {summary['tcptrace_cpu_s']} s ({summary['tcptrace_cpu_pct']}% of one core)",
         f"nonzero loss counters: {summary['losses_nonzero'] or 'none'}",
         f"tcptrace exit code: {summary['tcptrace_exit']}",
@@ -417,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dial-every", type=float, default=5.0, help="seconds between dialers")
     parser.add_argument("--sample-every", type=float, default=10.0, help="RSS sampling, seconds")
     parser.add_argument("--rss-slack-mb", type=float, default=16.0)
+    parser.add_argument("--max-peak-factor", type=float, default=1.5,
+                        help="peak RSS (final report included) at most this x the end RSS")
     parser.add_argument("--output", default=None, help="directory for soak.json and the report")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

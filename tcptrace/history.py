@@ -355,6 +355,7 @@ class ConnectionHistory:
         self._wait()  # one batch in flight: bounded memory, ordered parts
         table = self._take_pending()
         self._in_flight = (self._writer.submit(self._write, table), table.num_rows)
+        release_arrow_memory()  # this thread built the batch
 
     def sync(self) -> None:
         """Write every buffered row now and wait; afterwards `unwritten` is final
@@ -411,6 +412,7 @@ class ConnectionHistory:
             raise
         self._csv_size = start + len(data)
         self._csv_rows += table.num_rows
+        release_arrow_memory()  # this thread encoded the batch
 
     def _write_parquet(self, table: Any) -> None:
         import pyarrow.parquet as pq
@@ -540,6 +542,18 @@ class ConnectionHistory:
         if writer is not None:
             with suppress(Exception):
                 writer.close()
+
+
+def release_arrow_memory() -> None:
+    """Hand the pages Arrow's allocator keeps for this thread back to the system.
+
+    pyarrow's wheels allocate with mimalloc, whose per-thread heaps keep freed pages
+    for reuse; with batches of varying sizes built on one thread and freed on the
+    other, its arena grew ~70 MB an hour in the soak (issue 7) while Arrow itself
+    held under 10 MB. Cheap (about a microsecond when there is nothing to give)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _with_tcptrace_metadata(schema: Any) -> Any:

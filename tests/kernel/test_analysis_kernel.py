@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tcptrace.analysis import timeline_grid
 from tcptrace.report import load_report
 from tcptrace.workloads.build import build
 from tests.kernel.harness import Traced
@@ -73,9 +74,13 @@ def fixed_after(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def test_demo_report_has_timeline_and_fd_counts(demo_before: Path) -> None:
     report = load_report(demo_before)
     timeline = report.timeline
-    assert timeline["t"].nunique() >= 3
-    leaky = timeline[timeline["call_site"].str.contains("main.leakyDial", regex=False)]
-    by_t = leaky.groupby("t")["open_count"].sum().sort_index()
+    times = report.extra["timeline_sample_times"]
+    assert len(times) >= 3 and times == sorted(times)
+    # Sparse (schema 2): rows only while a site has sockets open; the grid fills in 0s.
+    grid = timeline_grid(report, by="call_site")
+    assert len(grid) == len(times)
+    leaky = [c for c in grid.columns if "main.leakyDial" in c]
+    by_t = grid[leaky].sum(axis=1)
     assert by_t.iloc[0] == 0  # the first sample is taken at attach, before the client ran
     assert by_t.iloc[-1] == LEAK  # the final sample agrees with open_sockets
     final = timeline[timeline["t"] == timeline["t"].max()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from benchmarks.soak import ledger_keys, parse_ss, rss_verdict
+from benchmarks.soak import ledger_keys, parse_ss, peak_ok, rss_verdict, wait_with_peak
 
 SS = "\n".join(
     [
@@ -48,3 +48,19 @@ def test_rss_verdict_flat_and_growing() -> None:
     verdict = rss_verdict(growing, warmup_s=60, slack_mb=16)
     assert not verdict.flat
     assert verdict.slope_mb_per_hour is not None and abs(verdict.slope_mb_per_hour - 720) < 1
+
+
+def test_peak_verdict() -> None:
+    assert peak_ok(400.0, 300.0, 1.5)
+    assert not peak_ok(1683.9, 317.7, 1.5)  # the hour soak of session 2
+
+
+def test_wait_with_peak_reports_the_childs_peak() -> None:
+    import subprocess
+    import sys
+
+    code = "b = bytearray(200 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096])"
+    proc = subprocess.Popen([sys.executable, "-c", code], text=True)
+    rc, peak_mb = wait_with_peak(proc, 60)
+    assert rc == 0 and proc.returncode == 0
+    assert peak_mb >= 200
