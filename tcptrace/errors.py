@@ -35,6 +35,11 @@ class TargetError(TcptraceError):
     exit_code = 4
 
 
+class TargetUnreadable(TargetError):
+    """A process whose /proc/PID/fd tcptrace may not read (another user's, or not
+    dumpable, without CAP_SYS_PTRACE): it exists, so its sockets are not gone."""
+
+
 class KernelSupportError(TcptraceError):
     """No usable probe set, no BTF, no tracefs, bcc cannot compile."""
 

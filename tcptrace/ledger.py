@@ -45,6 +45,9 @@ LEDGER_COUNTERS = (
     "sockets_untracked",  # kernel ledger map was full: shown, never classified
     "sockets_replaced",  # sock address reused before we saw its destroy
     "states_corrected",  # issue 7: a state change the kernel program missed, fixed from sock_diag
+    # issue 7: preexisting sockets of a process whose fds could no longer be read at the
+    # last check (it became another user): reported open as last seen, unverified
+    "preexisting_unverified",
 )
 
 
@@ -335,11 +338,22 @@ class Ledger:
                 continue
             self._insert(conn)
 
-    def refresh_preexisting(self, current: Iterable[Connection], now: float) -> None:
-        """Update preexisting sockets from a fresh snapshot; those gone were closed."""
+    def refresh_preexisting(
+        self, current: Iterable[Connection], now: float, unreadable: Iterable[int] = ()
+    ) -> None:
+        """Update preexisting sockets from a fresh snapshot; those gone were closed.
+
+        Sockets of `unreadable` pids (alive, but their fds may not be read any more)
+        are kept as they were, and counted as preexisting_unverified: absent from a
+        snapshot that could not look is not closed."""
         fresh = {c.key: c for c in current}
+        blind = set(unreadable)
+        unverified = 0
         for key, conn in list(self._open.items()):
             if conn.direction is not Direction.PREEXISTING:
+                continue
+            if conn.pid in blind:
+                unverified += 1
                 continue
             new = fresh.get(key)
             if new is None:
@@ -356,6 +370,7 @@ class Ledger:
                     raddr=new.raddr or conn.raddr,
                     rport=new.rport or conn.rport,
                 )
+        self.counters["preexisting_unverified"] = unverified
 
     # --- issue 7: states the kernel program could not record -----------------
     def correct_states(self, current: Iterable[Connection]) -> int:

@@ -47,7 +47,7 @@ from pyroute2.netlink import NETLINK_SOCK_DIAG
 from pyroute2.netlink.diag import MarshalDiag
 from pyroute2.netlink.nlsocket import NetlinkSocket
 
-from tcptrace.errors import KernelSupportError, TargetError
+from tcptrace.errors import KernelSupportError, TargetError, TargetUnreadable
 from tcptrace.events import Direction, TcpState, family_name, format_address
 from tcptrace.sockets import Connection, StackStatus
 
@@ -406,7 +406,7 @@ def socket_fds(pid: int, *, proc: str = PROC) -> dict[int, int]:
     except FileNotFoundError as exc:
         raise TargetError(f"no process with pid {pid}") from exc
     except PermissionError as exc:
-        raise TargetError(
+        raise TargetUnreadable(
             f"cannot read the fds of pid {pid}", hint="run as root or as the process owner"
         ) from exc
     except OSError as exc:  # e.g. ESRCH on a process being reaped
@@ -417,6 +417,8 @@ def socket_fds(pid: int, *, proc: str = PROC) -> dict[int, int]:
             continue
         try:
             target = os.readlink(os.path.join(fd_dir, name))
+        except PermissionError as exc:  # it became unreadable since listdir
+            raise TargetUnreadable(f"cannot read the fds of pid {pid}") from exc
         except OSError:
             continue  # closed since listdir (ENOENT) or the process is exiting
         inode = parse_socket_link(target)
@@ -524,7 +526,12 @@ def _holder(pid: int, proc: str) -> _Holder:
 
 
 def preexisting_connections(
-    pids: Iterable[int], now: float, *, missing_ok: bool = False, proc: str = PROC
+    pids: Iterable[int],
+    now: float,
+    *,
+    missing_ok: bool = False,
+    proc: str = PROC,
+    unreadable: set[int] | None = None,
 ) -> list[Connection]:
     """The TCP sockets the given processes hold right now, as PREEXISTING connections.
 
@@ -538,15 +545,19 @@ def preexisting_connections(
     left out (tracing sees it born) rather than mistaken for a closed one.
 
     Raises TargetError for a pid that does not exist (or vanishes while we read it),
-    unless `missing_ok`, which skips it.
+    unless `missing_ok`, which skips it. A pid that exists but whose fds may not be
+    read any more (it became another user) is skipped too, and added to `unreadable`:
+    its sockets are unknown, not closed.
     """
     holders: list[_Holder] = []
     for pid in dict.fromkeys(pids):
         try:
             holders.append(_holder(pid, proc))
-        except TargetError:
+        except TargetError as exc:
             if not missing_ok:
                 raise
+            if isinstance(exc, TargetUnreadable) and unreadable is not None:
+                unreadable.add(pid)
     dumps: dict[tuple[int, int] | None, dict[int, KernelSocket]] = {}
     result: list[Connection] = []
     for holder in holders:

@@ -414,8 +414,9 @@ def _refresh_preexisting(
         return  # a sock_diag dump of the whole host costs ~20 us per socket: skip it
     alive = tuple(p for p in pids if is_target(p))
     now = time.time()
-    current = snapshot.preexisting_connections(alive, now, missing_ok=True)
-    ledger.refresh_preexisting(current, now)
+    unreadable: set[int] = set()
+    current = snapshot.preexisting_connections(alive, now, missing_ok=True, unreadable=unreadable)
+    ledger.refresh_preexisting(current, now, unreadable)
 
 
 def _losses(

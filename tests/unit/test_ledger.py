@@ -315,6 +315,20 @@ def test_preexisting_seeded_deduplicated_and_refreshed() -> None:
     assert by_key[-2].age_s(1_000_050.0) == 50.0
 
 
+def test_preexisting_of_an_unreadable_process_are_kept_and_counted() -> None:
+    # issue 7: the snapshot could not look at pid 100 (it became another user):
+    # its sockets are unverified, not closed.
+    ledger, _, _ = new_ledger()
+    ledger.add_preexisting([_pre(-1, 3), _pre(-2, 4)])
+    ledger.refresh_preexisting([], now=1_000_050.0, unreadable={100})
+    assert sorted(c.key for c in ledger.open_sockets()) == [-2, -1]
+    assert ledger.closed_sockets() == []
+    assert ledger.counters["preexisting_unverified"] == 2
+    ledger.refresh_preexisting([_pre(-1, 3)], now=1_000_060.0)  # readable again
+    assert [c.key for c in ledger.open_sockets()] == [-1]
+    assert ledger.counters["preexisting_unverified"] == 0
+
+
 def test_failed_stack_capture_is_marked_not_guessed() -> None:
     ledger, _, stacks = new_ledger()
     ledger.apply(rec(RecordKind.BIRTH, sk=0xA, t=1, user_stack_id=-14))

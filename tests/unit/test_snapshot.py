@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tcptrace import snapshot
-from tcptrace.errors import TargetError
+from tcptrace.errors import TargetError, TargetUnreadable
 from tcptrace.events import Direction, TcpState
 from tcptrace.snapshot import (
     KernelSocket,
@@ -607,3 +607,31 @@ def test_sockets_by_inode_drops_inode_zero() -> None:
     assert 0 not in by_inode
     assert len(by_inode) == len(EXPECTED) - 1
     assert by_inode[375218].state is TcpState.CLOSE_WAIT
+
+
+def test_a_process_that_became_unreadable_is_unknown_not_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # issue 7: a target that drops privileges mid-trace (another user, not dumpable):
+    # without CAP_SYS_PTRACE its fds cannot be read. That must not read as "no sockets".
+    _fake_proc(tmp_path, 100, {"3": "socket:[500]"})
+    _fake_proc(tmp_path, 101, {"3": "socket:[600]"})
+    real_readlink = os.readlink
+
+    def denied(path: str | os.PathLike[str]) -> str:
+        if "/101/" in str(path):
+            raise PermissionError(errno.EACCES, "denied", str(path))
+        return real_readlink(path)
+
+    monkeypatch.setattr(os, "readlink", denied)
+    with pytest.raises(TargetUnreadable, match="101"):
+        socket_fds(101, proc=str(tmp_path))
+    unreadable: set[int] = set()
+    monkeypatch.setattr(snapshot, "list_tcp_sockets", lambda netns=None: [])
+    monkeypatch.setattr(snapshot, "_netns_of", lambda pid, proc: None)
+    monkeypatch.setattr(snapshot, "held_tcp_inodes", lambda *a, **k: {500: socket.AF_INET})
+    got = snapshot.preexisting_connections(
+        [100, 101], 1.0, missing_ok=True, proc=str(tmp_path), unreadable=unreadable
+    )
+    assert unreadable == {101}
+    assert [(c.pid, c.fd) for c in got] == [(100, 3)]
