@@ -30,7 +30,7 @@ from tcptrace import __version__
 from tcptrace.clock import MonotonicClock
 from tcptrace.errors import PermissionProblem, TraceInternalError, UsageError
 from tcptrace.events import ACTIVITY_STATS, RECORD_DTYPE, RawSocketRecord, RecordKind, SocketRecord
-from tcptrace.history import ConnectionHistory
+from tcptrace.history import ConnectionHistory, use_system_allocator
 from tcptrace.ledger import Ledger
 from tcptrace.report import (
     SCHEMA_VERSION,
@@ -198,6 +198,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
         )
         closed: list[Connection] = []  # closed by the ledger, not yet in the history
         ledger = Ledger(clock, symbolizer, on_closed=closed.append)
+        use_system_allocator()  # issue 7: flat memory over hours (see there)
         history = ConnectionHistory(out_dir)
 
         def consume() -> None:
