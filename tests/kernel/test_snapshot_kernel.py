@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ import pytest
 from tcptrace.errors import TargetError
 from tcptrace.events import Direction, TcpState
 from tcptrace.snapshot import (
+    HELD_STATES,
     KernelSocket,
     list_tcp_sockets,
     open_inodes,
@@ -313,3 +315,25 @@ def test_process_in_another_network_namespace() -> None:
         )
         theirs = list_tcp_sockets(f"/proc/{ns_child.pid}/ns/net")
         assert [s.inode for s in theirs] == [inode]
+
+
+def test_held_states_leave_time_wait_in_the_kernel() -> None:
+    # issue 7: the preexisting snapshot dumps only states a socket held by an fd can be
+    # in; TIME_WAIT entries (no inode) are filtered by the kernel, not decoded and dropped.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        server, _ = listener.accept()
+        client.close()  # the active closer goes to TIME_WAIT once the peer closes too
+        server.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            every = [s for s in list_tcp_sockets() if port in (s.lport, s.rport)]
+            if any(s.state is TcpState.TIME_WAIT for s in every):
+                break
+            time.sleep(0.05)
+        assert any(s.state is TcpState.TIME_WAIT and s.inode == 0 for s in every), every
+        held = [s for s in list_tcp_sockets(states=HELD_STATES) if port in (s.lport, s.rport)]
+        assert [s.state for s in held] == [TcpState.LISTEN]

@@ -395,11 +395,11 @@ def test_dump_family_treats_missing_ipv6_as_empty(monkeypatch: pytest.MonkeyPatc
         def get_sock_stats(self, **_: object) -> tuple[object, ...]:
             raise OSError(errno.ENOENT, "no handler")
 
-    assert snapshot._dump_family(Failing(), socket.AF_INET6) == []  # type: ignore[arg-type]
+    assert snapshot._dump_family(Failing(), socket.AF_INET6, snapshot.ALL_STATES) == []  # type: ignore[arg-type]
     from tcptrace.errors import KernelSupportError
 
     with pytest.raises(KernelSupportError):
-        snapshot._dump_family(Failing(), socket.AF_INET)  # type: ignore[arg-type]
+        snapshot._dump_family(Failing(), socket.AF_INET, snapshot.ALL_STATES)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- /proc
@@ -512,7 +512,8 @@ def _with_fake_dump(
 ) -> list[str | None]:
     calls: list[str | None] = []
 
-    def fake(netns: str | None = None) -> list[KernelSocket]:
+    def fake(netns: str | None = None, states: int = snapshot.ALL_STATES) -> list[KernelSocket]:
+        assert states == snapshot.HELD_STATES  # TIME_WAIT and NEW_SYN_RECV left in the kernel
         calls.append(netns)
         return list(sockets)
 
@@ -627,7 +628,7 @@ def test_a_process_that_became_unreadable_is_unknown_not_empty(
     with pytest.raises(TargetUnreadable, match="101"):
         socket_fds(101, proc=str(tmp_path))
     unreadable: set[int] = set()
-    monkeypatch.setattr(snapshot, "list_tcp_sockets", lambda netns=None: [])
+    monkeypatch.setattr(snapshot, "list_tcp_sockets", lambda netns=None, states=0: [])
     monkeypatch.setattr(snapshot, "_netns_of", lambda pid, proc: None)
     monkeypatch.setattr(snapshot, "held_tcp_inodes", lambda *a, **k: {500: socket.AF_INET})
     got = snapshot.preexisting_connections(
