@@ -16,10 +16,11 @@ import os
 import select
 import signal
 import sys
+from typing import Final
 
 # What a shell reports for a tool SIGPIPE killed; 1, the docs' choice, is our
 # "internal error".
-STDOUT_CLOSED_EXIT = 128 + signal.SIGPIPE
+STDOUT_CLOSED_EXIT: Final = 128 + signal.SIGPIPE
 
 
 def stdout_closed() -> bool:

@@ -27,7 +27,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -208,7 +208,7 @@ def render(
     return Group(*parts)
 
 
-MAX_NOTES = 3  # warnings shown on the screen, the latest
+MAX_NOTES: Final = 3  # warnings shown on the screen, the latest
 
 
 class _Held(io.TextIOBase):

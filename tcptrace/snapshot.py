@@ -40,7 +40,7 @@ import socket
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pyroute2 import DiagSocket
 from pyroute2.netlink import NETLINK_SOCK_DIAG
@@ -82,7 +82,7 @@ ALL_STATES = 0xFFFFFFFF
 # for the preexisting snapshot skips what it would throw away: on a host churning
 # 2,000 connections/s that is ~120,000 TIME_WAIT entries, 100+ MB decoded in
 # Python at the end of a trace (issue 7, soak).
-HELD_STATES = ALL_STATES & ~((1 << 6) | (1 << 12))
+HELD_STATES: Final = ALL_STATES & ~((1 << 6) | (1 << 12))
 
 _NLMSG_HEADER = struct.Struct("=IHHII")
 # struct inet_diag_msg: family, state, timer, retrans, sport(be), dport(be),
@@ -425,7 +425,9 @@ def socket_fds(pid: int, *, proc: str = PROC) -> dict[int, int]:
         try:
             target = os.readlink(os.path.join(fd_dir, name))
         except PermissionError as exc:  # it became unreadable since listdir
-            raise TargetUnreadable(f"cannot read the fds of pid {pid}") from exc
+            raise TargetUnreadable(
+                f"cannot read the fds of pid {pid}", hint="run as root or as the process owner"
+            ) from exc
         except OSError:
             continue  # closed since listdir (ENOENT) or the process is exiting
         inode = parse_socket_link(target)

@@ -22,7 +22,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, TextIO, TypeVar
+from typing import TYPE_CHECKING, Final, TextIO, TypeVar
 
 import numpy as np
 
@@ -520,7 +520,7 @@ def _best_effort(make: Callable[[], T], default: T) -> T:
         return default
 
 
-MAX_UNREADABLE_NAMED = 5  # a forking service could make thousands: name a few
+MAX_UNREADABLE_NAMED: Final = 5  # a forking service could make thousands: name a few
 
 
 def _unreadable_warner(warn: Callable[[str], None]) -> Callable[[int], None]:

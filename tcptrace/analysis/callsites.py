@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from tcptrace.analysis.names import PLACEHOLDERS, frames_of, site_key, site_label
+from tcptrace.errors import UsageError
 from tcptrace.report.loader import Report
 from tcptrace.report.schema import TIMELINE, coerce_values
 
@@ -148,28 +149,38 @@ def slope_per_min(times_s: Iterable[float], counts: Iterable[float]) -> float | 
     return float((tc * (y - y.mean())).sum() / (tc * tc).sum()) * 60.0
 
 
-def _sample_seconds(extra: Mapping[str, Any]) -> np.ndarray | None:
-    """Every timeline sample's time (seconds, as the t column reads), from meta.json.
+_MICROSECOND = pd.Timedelta(microseconds=1)
+
+
+def _micros(t: pd.Series) -> np.ndarray:
+    """UTC timestamps as integer microseconds since the epoch: the report's own
+    resolution, so sample times and the t column match exactly, not as floats."""
+    return ((t - _EPOCH) // _MICROSECOND).to_numpy(dtype=np.int64)
+
+
+def sample_times(report: Report) -> tuple[np.ndarray | None, bool]:
+    """(every timeline sample's time in microseconds, or None; whether growth rates
+    can be computed from the timeline).
 
     Version 2 timelines are sparse: a sample where nothing was open has no row,
-    yet is a 0 for growth rates. None when meta.json does not list them (version 1,
-    whose dense grid has a row at every sample once anything was open)."""
-    raw = extra.get("timeline_sample_times")
-    if not isinstance(raw, list) or not raw or not all(_number(v) is not None for v in raw):
-        return None
-    # The same conversion as the t column (microseconds), so the times match exactly.
-    times = coerce_values(TIMELINE[0], [float(v) for v in raw])
-    return np.unique((times - _EPOCH).dt.total_seconds().to_numpy(dtype=float))
+    yet is a 0 for growth rates, so its time comes from meta.json. Without those
+    times (a meta.json edited by hand) a version 2 timeline gives no growth rather
+    than a wrong one. Version 1 grids are dense: their rows are every sample."""
+    raw = report.extra.get("timeline_sample_times")
+    if isinstance(raw, list) and raw and all(_number(v) is not None for v in raw):
+        times = coerce_values(TIMELINE[0], [float(v) for v in raw])  # as the t column
+        return np.unique(_micros(times)), True
+    return None, report.meta.get("schema_version") == 1
 
 
 def _pivot(timeline: pd.DataFrame, by: str, times: np.ndarray | None = None) -> pd.DataFrame:
-    """open_count summed per (t, `by`), as a t x `by` grid; absent cells are 0,
-    and with `times`, every sample time is a row (0 where it has no row)."""
+    """open_count summed per (t, `by`), as a t x `by` grid indexed by microseconds;
+    absent cells are 0, and with `times`, every sample time is a row."""
     if timeline.empty:
-        return pd.DataFrame()
+        return pd.DataFrame(index=pd.Index(times if times is not None else [], dtype=np.int64))
     frame = pd.DataFrame(
         {
-            "t": (timeline["t"] - _EPOCH).dt.total_seconds(),
+            "t": _micros(timeline["t"]),
             "by": timeline[by].astype(object),
             "n": timeline["open_count"].fillna(0).astype("int64"),
         }
@@ -185,9 +196,9 @@ def timeline_grid(report: Report, by: str = "call_site") -> pd.DataFrame:
     per value of `by` (call_site, pid or comm), summed over the rest; 0 where none
     were open. The table itself is sparse (schema version 2): use this to plot it."""
     if by not in ("call_site", "pid", "comm"):
-        raise ValueError(f"by must be call_site, pid or comm, not {by!r}")
-    grid = _pivot(report.timeline, by, _sample_seconds(report.extra))
-    grid.index = pd.to_datetime(grid.index.to_numpy(dtype=float), unit="s", utc=True).round("us")
+        raise UsageError(f"timeline_grid: by must be call_site, pid or comm, not {by!r}")
+    grid = _pivot(report.timeline, by, sample_times(report)[0])
+    grid.index = pd.to_datetime(grid.index.to_numpy(dtype=np.int64), unit="us", utc=True)
     grid.index.name = "t"
     grid.columns.name = by
     return grid
@@ -196,7 +207,7 @@ def timeline_grid(report: Report, by: str = "call_site") -> pd.DataFrame:
 def _growth_by(grid: pd.DataFrame) -> dict[Any, float | None]:
     if grid.empty:
         return {}
-    times = grid.index.to_numpy(dtype=float)
+    times = grid.index.to_numpy(dtype=np.int64) / 1e6  # seconds
     return {col: slope_per_min(times, grid[col].to_numpy(dtype=float)) for col in grid.columns}
 
 
@@ -266,15 +277,17 @@ def analyze(report: Report) -> Analysis:
     open_by_pid: Counter[int] = Counter(open_pids)
 
     timeline = report.timeline
-    times = _sample_seconds(extra)
-    site_growth = _growth_by(_pivot(timeline, "call_site", times))
-    pid_growth = _growth_by(_pivot(timeline, "pid", times))
+    times, growth_known = sample_times(report)
+    # Without the sample times of a sparse timeline: no growth rather than a wrong one.
+    growing = timeline if growth_known else timeline.iloc[:0]
+    site_growth = _growth_by(_pivot(growing, "call_site", times))
+    pid_growth = _growth_by(_pivot(growing, "pid", times))
     has_growth = any(g is not None for g in site_growth.values())
     site_pid_growth: dict[tuple[str, int], float | None] = {}
-    if not timeline.empty:
+    if not growing.empty:
         # One pivot column per (pid, call site): "pid\0site" keeps it a plain string.
-        pairs = timeline.assign(
-            pair=[f"{p}\0{s}" for p, s in zip(timeline["pid"], timeline["call_site"], strict=True)]
+        pairs = growing.assign(
+            pair=[f"{p}\0{s}" for p, s in zip(growing["pid"], growing["call_site"], strict=True)]
         )
         for pair, growth in _growth_by(_pivot(pairs, "pair", times)).items():
             pid_text, call_site = str(pair).split("\0", 1)

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
-import pandas as pd
 
-from tcptrace.analysis.callsites import Analysis
+from tcptrace.analysis.callsites import Analysis, timeline_grid
 from tcptrace.analysis.names import site_label
 from tcptrace.errors import UsageError
 from tcptrace.fileio import write_atomic
@@ -62,18 +61,13 @@ def _shorten(text: str, limit: int = 60) -> str:
 
 def open_over_time(report: Report, analysis: Analysis, top: int = MAX_LINES) -> Figure:
     fig = _figure()
-    timeline = report.timeline
-    if timeline.empty:
+    # Every sample, 0 where nothing was open: the table itself is sparse (schema 2).
+    grid = timeline_grid(report, by="call_site")
+    if len(grid.index) == 0:
         return _say_empty(fig, "no timeline samples in this report")
-    seconds = (timeline["t"] - timeline["t"].min()).dt.total_seconds()
-    frame = pd.DataFrame(
-        {
-            "s": seconds.to_numpy(dtype=float),
-            "site": timeline["call_site"].astype(object),
-            "n": timeline["open_count"].fillna(0).to_numpy(dtype=float),
-        }
-    )
-    grid = frame.pivot_table(index="s", columns="site", values="n", aggfunc="sum", fill_value=0)
+    if grid.empty:
+        return _say_empty(fig, "no socket was open at any timeline sample")
+    grid.index = (grid.index - grid.index[0]).total_seconds()
     # The analysis order (worst first) decides which sites get a line of their own.
     ordered = [s.key for s in analysis.sites if s.key in grid.columns]
     ordered += [c for c in grid.columns if c not in ordered]

@@ -93,7 +93,7 @@ def load_report(directory: str | os.PathLike[str]) -> Report:
         if table in OPTIONAL_TABLES and not _mentioned(table, meta, listed_names):
             frames[table] = to_frame(table, [])
             continue
-        frame = _read_table(path, table, listed_names)
+        frame = _read_table(path, table, listed_names, meta["schema_version"])
         want = expected_rows.get(table)
         if want is not None and len(frame) != want:
             raise ReportError(
@@ -156,19 +156,21 @@ def _expected_rows(meta: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def _read_table(directory: Path, table: str, listed: set[str] | None) -> pd.DataFrame:
+def _read_table(
+    directory: Path, table: str, listed: set[str] | None, version: int | None = None
+) -> pd.DataFrame:
     def usable(name: str) -> bool:
         # With a file list in meta.json, an unlisted file is a leftover of an older run.
         return (directory / name).is_file() and (listed is None or name in listed)
 
     if usable(f"{table}.parquet"):
-        return _read_parquet(directory / f"{table}.parquet", table)
+        return _read_parquet(directory / f"{table}.parquet", table, version)
     if usable(f"{table}.csv"):
         return _read_csv(directory / f"{table}.csv", table)
     raise ReportError(f"report {directory} has neither {table}.parquet nor {table}.csv")
 
 
-def _read_parquet(path: Path, table: str) -> pd.DataFrame:
+def _read_parquet(path: Path, table: str, expected_version: int | None = None) -> pd.DataFrame:
     try:
         arrow = pq.read_table(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for bad files
@@ -190,6 +192,12 @@ def _read_parquet(path: Path, table: str) -> pd.DataFrame:
     except ValueError:
         raise ReportError(f"{path} has an invalid schema version {raw_version!r}") from None
     _check_version(version, path)
+    if expected_version is not None and version != expected_version:
+        # A file of another report mixed in: read under the wrong version, a sparse
+        # timeline would pass for a dense one.
+        raise ReportError(
+            f"{path} is schema version {version} but meta.json says {expected_version}"
+        )
     try:
         frame = arrow.to_pandas()
     except Exception as exc:

@@ -96,6 +96,7 @@ def linear_report(tmp_path: Path, fds_end: int | None, per_s: int = 2) -> Analys
     extra: dict[str, Any] = {
         "rlimit_nofile": {"100": RLIMIT, "200": None},
         "fd_count": {"start": {"100": 4}, "end": {"100": fds_end}},
+        "timeline_sample_times": [NOW - 10 + i for i in range(11)],
     }
     out = tmp_path / "linear"
     write_report(out, conns, NOW, 30.0, run_meta(pids=(100,), extra=extra), timeline=timeline)
@@ -228,11 +229,12 @@ def test_sparse_timeline_grows_from_the_samples_where_nothing_was_open(tmp_path:
     assert expected is not None and expected > 0
     assert sparse.sites[0].growth_per_min == pytest.approx(expected)
     assert sparse.timeline_samples == 11
-    # Without the sample times, the same rows would read as flat: the times matter.
+    # Without the sample times, the same rows would read as flat (0/min): a version 2
+    # timeline then gives no growth at all rather than a wrong one.
     meta = json.loads((out / "meta.json").read_text())
     del meta["extra"]["timeline_sample_times"]
     (out / "meta.json").write_text(json.dumps(meta))
-    assert analyze(load_report(out)).sites[0].growth_per_min == pytest.approx(0.0)
+    assert analyze(load_report(out)).sites[0].growth_per_min is None
 
 
 def test_version_1_report_with_a_dense_timeline_reads_the_same(tmp_path: Path) -> None:

@@ -69,3 +69,31 @@ def test_plots_path_must_be_a_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="not a directory"):
         write_plots(report, analyze(report), tmp_path / "file")
+
+
+def test_idle_samples_are_drawn_as_zeros(tmp_path: Path) -> None:
+    # Sparse timeline (schema 2): nothing open at the first two samples and in a gap;
+    # the line must start at the first sample and drop to 0, not cut across the gap.
+    from tcptrace.report import TimelineRecorder
+    from tests.unit.test_report_io import make_conn
+
+    t0 = 1_700_000_000.0
+    rec = TimelineRecorder()
+    conn = make_conn(key=1, stack=("a",), opened_at=t0 + 2)
+    for i, open_now in enumerate([[], [], [conn], [conn], [], [], [], [conn]]):
+        rec.sample(t0 + i, open_now, 30.0)
+    extra = {"timeline_sample_times": rec.sample_times()}
+    write_report(tmp_path / "r", [], t0 + 7, 30.0, run_meta(extra=extra), timeline=rec.frame())
+    report = load_report(tmp_path / "r")
+    (ax,) = open_over_time(report, analyze(report)).axes
+    (line,) = ax.get_lines()
+    assert np.asarray(line.get_xdata()).tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert np.asarray(line.get_ydata()).tolist() == [0, 0, 1, 1, 0, 0, 0, 1]
+
+
+def test_samples_with_nothing_open_say_so(tmp_path: Path) -> None:
+    extra = {"timeline_sample_times": [1.0e9, 1.0e9 + 1]}
+    write_report(tmp_path / "r", [], 1.0e9 + 1, 30.0, run_meta(extra=extra))
+    report = load_report(tmp_path / "r")
+    texts = [t.get_text() for t in open_over_time(report, analyze(report)).axes[0].texts]
+    assert texts == ["no socket was open at any timeline sample"]

@@ -13,7 +13,7 @@ import pytest
 
 import tcptrace
 from tcptrace.analysis import timeline_grid
-from tcptrace.errors import ReportError
+from tcptrace.errors import ReportError, UsageError
 from tcptrace.events import TcpState
 from tcptrace.report import TABLES, TimelineRecorder, load_report, write_report
 from tcptrace.report.summary import UNKNOWN_STACK_KEY
@@ -218,5 +218,24 @@ def test_timeline_grid_has_every_sample_and_zeros(tmp_path: Path) -> None:
     assert [t.timestamp() for t in grid.index] == [NOW, NOW + 1, NOW + 2, NOW + 3]
     assert grid["a"].tolist() == [0, 1, 0, 0]
     assert timeline_grid(report, by="pid")[100].tolist() == [0, 1, 0, 0]
-    with pytest.raises(ValueError, match="by must be"):
+    with pytest.raises(UsageError, match="by must be"):
         timeline_grid(report, by="state")
+
+
+def test_fractional_sample_times_match_rows_after_csv_and_parquet(tmp_path: Path) -> None:
+    # time.time() values: meta.json keeps the float, the t column microseconds. Both
+    # are compared as integer microseconds, so no sample appears twice in the grid.
+    start = 1_700_000_000.123456789
+    rec = TimelineRecorder()
+    a = make_conn(key=1, stack=("a",), opened_at=start)
+    for i in range(5):
+        rec.sample(start + i * 1.000000371, [a] if i % 2 else [], 30.0)
+    extra = {"timeline_sample_times": rec.sample_times()}
+    write_report(tmp_path, [], start + 5, 30.0, run_meta(extra=extra), timeline=rec.frame())
+    from_parquet = timeline_grid(load_report(tmp_path))
+    for table in TABLES:
+        (tmp_path / f"{table}.parquet").unlink()
+    from_csv = timeline_grid(load_report(tmp_path))
+    for grid in (from_parquet, from_csv):
+        assert len(grid) == 5
+        assert grid["a"].tolist() == [0, 1, 0, 1, 0]

@@ -397,3 +397,10 @@ def test_no_table_files(report_dir: Path) -> None:
     (report_dir / "connections.parquet").unlink()
     (report_dir / "connections.csv").unlink()
     assert "neither connections.parquet nor connections.csv" in refused(report_dir)
+
+
+def test_parquet_file_of_another_version_than_meta_is_refused(report_dir: Path) -> None:
+    # A file of another report mixed in: read under the wrong version, a sparse
+    # (version 2) timeline would pass for a dense one.
+    rewrite_meta(report_dir, schema_version=1)
+    assert f"is schema version {SCHEMA_VERSION} but meta.json says 1" in refused(report_dir)
