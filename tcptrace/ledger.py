@@ -46,8 +46,9 @@ LEDGER_COUNTERS = (
     "sockets_replaced",  # sock address reused before we saw its destroy
     "states_corrected",  # issue 7: a state change the kernel program missed, fixed from sock_diag
     # issue 7: preexisting sockets of a process whose fds could no longer be read at the
-    # last check (it became another user): reported open as last seen, unverified (their
-    # age still grows, so they may be flagged). A current value, not a running total.
+    # last check (it became another user's, or non-dumpable): reported open as last seen,
+    # unverified (their age still grows, so they may be flagged). A current value, not a
+    # running total.
     "preexisting_unverified",
 )
 

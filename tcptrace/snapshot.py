@@ -555,8 +555,8 @@ def preexisting_connections(
 
     Raises TargetError for a pid that does not exist (or vanishes while we read it),
     unless `missing_ok`, which skips it. A pid that exists but whose fds may not be
-    read any more (it became another user) is skipped too, and added to `unreadable`:
-    its sockets are unknown, not closed.
+    read any more (it became another user's, or non-dumpable) is skipped too, and added
+    to `unreadable`: its sockets are unknown, not closed.
     """
     holders: list[_Holder] = []
     for pid in dict.fromkeys(pids):

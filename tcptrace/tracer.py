@@ -207,12 +207,14 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
                 history.append(connections_frame(closed, time.time()))
                 closed.clear()
 
+        unverified_warner = _unverified_warner(_warner())
+
         def final_pass() -> None:
             """Everything still in the ring buffer and the map, and who holds what now."""
             consume()
             ledger.reconcile(*cap.scan_raw())
             consume()
-            _refresh_preexisting(ledger, options.pids, pre.watch.alive)
+            _refresh_preexisting(ledger, options.pids, pre.watch.alive, unverified_warner)
 
         timeline = TimelineRecorder()
         failure: _Failure | None = None
@@ -272,7 +274,7 @@ def run_trace(options: TraceOptions, out: TextIO, stop: StopFlag | None = None) 
                             )
                         )
                 if now_m >= next_pre:
-                    _refresh_preexisting(ledger, options.pids, pre.watch.alive)
+                    _refresh_preexisting(ledger, options.pids, pre.watch.alive, unverified_warner)
                     next_pre = now_m + options.preexisting_interval_s
                 if now_m >= next_sample:
                     timeline.sample(time.time(), ledger.open_sockets(), options.threshold_s)
@@ -407,7 +409,10 @@ def _consume(raw: bytes, ledger: Ledger, history: ConnectionHistory) -> None:
 
 
 def _refresh_preexisting(
-    ledger: Ledger, pids: tuple[int, ...], is_target: Callable[[int], bool] = is_alive
+    ledger: Ledger,
+    pids: tuple[int, ...],
+    is_target: Callable[[int], bool] = is_alive,
+    on_unreadable: Callable[[int], None] | None = None,
 ) -> None:
     from tcptrace import snapshot
 
@@ -418,6 +423,32 @@ def _refresh_preexisting(
     unreadable: set[int] = set()
     current = snapshot.preexisting_connections(alive, now, missing_ok=True, unreadable=unreadable)
     ledger.refresh_preexisting(current, now, unreadable)
+    if on_unreadable is not None:
+        for pid in sorted(unreadable):
+            on_unreadable(pid)
+
+
+def _unverified_warner(warn: Callable[[str], None]) -> Callable[[int], None]:
+    """Once per pid: its fds cannot be read any more, so its sockets from before the
+    trace are kept as last seen (issue 7: not mistaken for closed)."""
+    told: set[int] = set()
+
+    def unreadable(pid: int) -> None:
+        if pid in told:
+            return
+        told.add(pid)
+        why = (
+            "is denied although tcptrace has CAP_SYS_PTRACE"
+            if has_capability(CAP_SYS_PTRACE)
+            else "needs CAP_SYS_PTRACE, which tcptrace lacks"
+        )
+        warn(
+            f"tcptrace: pid {pid} ({_comm(pid)}) can no longer be inspected: reading its"
+            f" /proc/{pid}/fd {why} (it became another user's or non-dumpable); its sockets"
+            " from before the trace are kept as last seen, counted as preexisting_unverified"
+        )
+
+    return unreadable
 
 
 def _losses(
