@@ -6,10 +6,15 @@ place, on purpose (hence the import inside the function).
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def main() -> None:
+    # issue 7: Arrow on glibc's malloc in every part of it (Parquet and CSV writers
+    # included), which only this variable reaches, and only before Arrow's first
+    # allocation; see tcptrace.history.use_system_allocator. An explicit choice wins.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     from tcptrace.interrupts import SignalLatch
 
     SignalLatch().install()

@@ -550,7 +550,11 @@ def use_system_allocator() -> None:
     hours. Measured in the soak (issue 7, 2,000 connections/s, a child process
     forked every second): mimalloc's arena grew from 21 to 43 MB in five minutes
     while Arrow held under 11 MB, and went on growing; with the system allocator
-    (and malloc_trim after each batch) RSS stayed at 236-238 MB, 33 MB lower."""
+    (and malloc_trim after each batch) RSS stayed at 236-238 MB, 33 MB lower.
+
+    This sets pyarrow's default pool; Arrow's C++ code that takes the process-wide
+    default (the Parquet and CSV writers) follows only ARROW_DEFAULT_MEMORY_POOL,
+    which the `tcptrace` command sets before Arrow starts (tcptrace.entry)."""
     import pyarrow as pa
 
     pa.set_memory_pool(pa.system_memory_pool())
