@@ -437,15 +437,11 @@ def _unverified_warner(warn: Callable[[str], None]) -> Callable[[int], None]:
         if pid in told:
             return
         told.add(pid)
-        why = (
-            "is denied although tcptrace has CAP_SYS_PTRACE"
-            if has_capability(CAP_SYS_PTRACE)
-            else "needs CAP_SYS_PTRACE, which tcptrace lacks"
-        )
         warn(
             f"tcptrace: pid {pid} ({_comm(pid)}) can no longer be inspected: reading its"
-            f" /proc/{pid}/fd {why} (it became another user's or non-dumpable); its sockets"
-            " from before the trace are kept as last seen, counted as preexisting_unverified"
+            f" /proc/{pid}/fd {_ptrace_denial()} (it became another user's or non-dumpable);"
+            " its sockets from before the trace are kept as last seen, counted as"
+            " preexisting_unverified"
         )
 
     return unreadable
@@ -571,19 +567,21 @@ def _unreadable_warner(warn: Callable[[str], None]) -> Callable[[int], None]:
                 " their stacks are counted as stacks_unreadable_process"
             )
             return
-        comm = _comm(pid)
-        why = (
-            "is denied although tcptrace has CAP_SYS_PTRACE"
-            if has_capability(CAP_SYS_PTRACE)
-            else "needs CAP_SYS_PTRACE, which tcptrace lacks"
-        )
         warn(
-            f"tcptrace: cannot symbolize pid {pid} ({comm}): reading its /proc/{pid}/root {why}"
+            f"tcptrace: cannot symbolize pid {pid} ({_comm(pid)}): reading its"
+            f" /proc/{pid}/root {_ptrace_denial()}"
             " (another user's or a non-dumpable process); its sockets are traced, its stacks"
             " are left as addresses and counted as stacks_unreadable_process"
         )
 
     return unreadable
+
+
+def _ptrace_denial() -> str:
+    """Why reading another process's /proc links was refused, for a warning."""
+    if has_capability(CAP_SYS_PTRACE):
+        return "is denied although tcptrace has CAP_SYS_PTRACE"
+    return "needs CAP_SYS_PTRACE, which tcptrace lacks"
 
 
 def _comm(pid: int) -> str:

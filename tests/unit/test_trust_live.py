@@ -12,6 +12,7 @@ from tcptrace.events import Direction, TcpState
 from tcptrace.live import LiveModel, LiveView, render, render_losses
 from tcptrace.sockets import Connection, StackStatus
 from tcptrace.tick import TraceTick
+from tests.unit.connection_factory import make_connection
 
 T0 = 1_700_000_000.0
 LEAK = ("main", "serve_forever (server.c:40)", "accept_one (server.c:20)", "accept")
@@ -96,13 +97,12 @@ def test_losses_line() -> None:
 def test_brackets_in_frames_are_shown_not_read_as_markup() -> None:
     model = LiveModel(started=T0)
     odd = ("main", "[bold]evil[/bold] (x.c:1)")
-    preexisting = Connection(
+    preexisting = make_connection(
         key=-1,
         pid=4242,
         tid=4242,
         comm="server",
         fd=3,
-        family="ipv4",
         laddr="0.0.0.0",
         lport=8080,
         raddr="",
