@@ -56,7 +56,8 @@ enum tt_stat {
 	TT_STAT_DEATHS = 8,
 	TT_STAT_FD_CLOSES = 9,
 	TT_STAT_TARGETS_FULL = 10,  /* follow-forks: the target map was full */
-	TT_STAT__COUNT = 11,
+	TT_STAT_RUNS_RESCUED = 11,  /* nested probe runs the kernel skipped, done by a rescue program */
+	TT_STAT__COUNT = 12,
 };
 
 struct tt_record {

@@ -25,7 +25,7 @@
 
 /* Raw tracepoint (see tcp_destroy_sock in common.bpf.h for why): the fields
  * the perf tracepoint would hand us are read from the sock at BTF offsets. */
-RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+static __always_inline int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 {
 	/* TP_PROTO(const struct sock *sk, const int oldstate, const int newstate) */
 	u64 sk = (u64)ctx->args[0];
@@ -74,6 +74,30 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 	fill_stacks(ctx, r);
 	resolve_pending_fd(r);
 	track_birth(r);
+	return 0;
+}
+
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+	u32 *busy = running_flag(TT_RUNNING_SET_STATE);
+	if (busy)
+		*busy = 1;
+	on_set_state(ctx);
+	if (busy)
+		*busy = 0;
+	return 0;
+}
+
+/* The nested state changes the kernel skipped above (see common.bpf.h). Births
+ * (from CLOSE) run in connect()/listen(), process context, so never nest; were
+ * one to, it would build its record in the scratch slot the interrupted program
+ * may be using. Leave it skipped: counted, not rescued. */
+int rescue_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
+{
+	if ((int)ctx->args[1] == TT_TCP_CLOSE)
+		return 0;
+	if (first_program_skipped(TT_RUNNING_SET_STATE))
+		on_set_state(ctx);
 	return 0;
 }
 

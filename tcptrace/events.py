@@ -97,12 +97,15 @@ class KernelStat(enum.IntEnum):
     DEATHS = 8
     FD_CLOSES = 9
     TARGETS_FULL = 10
+    RUNS_RESCUED = 11
 
 
-KERNEL_STAT_COUNT = 11
+KERNEL_STAT_COUNT = 12
 
 # Counters of work done, not of anything lost: reported apart from the losses.
-ACTIVITY_STATS = frozenset({KernelStat.BIRTHS, KernelStat.DEATHS, KernelStat.FD_CLOSES})
+ACTIVITY_STATS = frozenset(
+    {KernelStat.BIRTHS, KernelStat.DEATHS, KernelStat.FD_CLOSES, KernelStat.RUNS_RESCUED}
+)
 
 
 class RawSocketRecord(ctypes.Structure):

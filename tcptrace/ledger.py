@@ -205,6 +205,9 @@ class Ledger:
             raw = RawSocketRecord.from_buffer_copy(deaths[index].tobytes())
             self._death(SocketRecord.from_raw(raw))
         fresh = deaths[~held]
+        self.counters["sockets_replaced"] += int(
+            np.count_nonzero(fresh["flags"] & RecordFlag.REPLACED)
+        )
         self.activity["sockets_first_seen_at_death"] += len(fresh)
         self.closed_count += len(fresh)
         return death_table(

@@ -96,6 +96,27 @@ KPROBE_ATTACHMENTS: tuple[KprobeAttach, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class RescueAttach:
+    """A second program on a raw tracepoint: it redoes the calls the kernel skipped
+    because the first program was already running on that CPU (bpf/common.bpf.h)."""
+
+    tracepoint: str
+    program: str
+
+
+def _rescue(tracepoint: str) -> RescueAttach:
+    return RescueAttach(tracepoint, f"rescue_{tracepoint}")
+
+
+# The kprobe set's state changes come from a kprobe, which any running BPF program
+# blocks (a rescue program would be blocked too); its deaths share the tracepoint.
+RESCUE_ATTACHMENTS: dict[ProbeSet, tuple[RescueAttach, ...]] = {
+    ProbeSet.TRACEPOINT: (_rescue("inet_sock_set_state"), _rescue("tcp_destroy_sock")),
+    ProbeSet.KPROBE: (_rescue("tcp_destroy_sock"),),
+}
+
+
 COMMON_HEADER = "common.bpf.h"
 
 
@@ -214,6 +235,14 @@ def load_without_attaching(
                         f"the verifier refused kprobe program {att.program}: {exc}"
                     ) from exc
                 loaded.append(att.program)
+        for rescue in RESCUE_ATTACHMENTS[config.probe_set]:
+            try:
+                prog.load_func(rescue.program, bcc.BPF.RAW_TRACEPOINT)
+            except Exception as exc:
+                raise KernelSupportError(
+                    f"the verifier refused rescue program {rescue.program}: {exc}"
+                ) from exc
+            loaded.append(rescue.program)
         return sorted(set(loaded))
     finally:
         prog.cleanup()
@@ -388,7 +417,9 @@ class Capture:
                 f"the {config.probe_set.value} probe set did not load: {exc}"
             ) from exc
         self._closed = False
+        self._rescue_links: list[int] = []
         release_compiler_memory()
+        self._attach_rescues(bcc)
         if config.probe_set is ProbeSet.KPROBE:
             self._attach_kprobes()
         self._chunks: list[bytes] = []
@@ -407,6 +438,24 @@ class Capture:
         except Exception:
             self.close()
             raise
+
+    def _attach_rescues(self, bcc: Any) -> None:
+        """Attach the rescue programs. bcc refuses a second program on a raw
+        tracepoint it attached, so these links are ours: file descriptors that the
+        kernel closes, detaching them, if tcptrace dies."""
+        for rescue in RESCUE_ATTACHMENTS[self.config.probe_set]:
+            try:
+                fn = self._bpf.load_func(rescue.program, bcc.BPF.RAW_TRACEPOINT)
+                link = bcc.libbcc.lib.bpf_attach_raw_tracepoint(fn.fd, rescue.tracepoint.encode())
+                if link < 0:
+                    raise OSError(f"bpf_attach_raw_tracepoint returned {link}")
+            except Exception as exc:
+                self.close()
+                raise KernelSupportError(
+                    f"could not attach {rescue.program} to raw tracepoint "
+                    f"{rescue.tracepoint}: {exc}"
+                ) from exc
+            self._rescue_links.append(int(link))
 
     def _attach_kprobes(self) -> None:
         """Attach the kprobe set by name (bcc attached its tracepoints already)."""
@@ -434,6 +483,9 @@ class Capture:
             ring = getattr(self, "_ring", None)
             if ring is not None:
                 ring.close()
+            for link in getattr(self, "_rescue_links", ()):
+                with suppress(OSError):
+                    os.close(link)
             self._bpf.cleanup()
 
     def __enter__(self) -> Capture:
@@ -602,7 +654,13 @@ class Capture:
             values = self._stats[ctypes.c_int(stat.value)]
             totals[stat.name.lower()] = int(sum(values))
         totals["records_undecodable"] = self._decode_errors
-        totals["probe_recursion_misses"] = sum(p.recursion_misses for p in self.program_stats())
+        # Read after the rescue counter, so a rescue is never counted before the
+        # skip it redid. A rescue program's own skips lose nothing: it is skipped
+        # only while it runs itself, after the first program ran for that call.
+        programs = self.program_stats()
+        rescues = {r.program for r in RESCUE_ATTACHMENTS[self.config.probe_set]}
+        skipped = sum(p.recursion_misses for p in programs if p.name not in rescues)
+        totals["probe_recursion_misses"] = skipped - totals["runs_rescued"]
         if self.config.probe_set is ProbeSet.KPROBE:
             totals["kretprobe_misses"] = kretprobe_misses(os.getpid())
         return totals

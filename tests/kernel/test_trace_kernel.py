@@ -32,15 +32,26 @@ def _stacks_with(frame: str, stacks: pd.Series) -> int:
     return int(stacks.str.contains(frame, regex=False).sum())
 
 
-def _zero_losses(meta: dict[str, object], tolerate_nesting: bool = False) -> None:
+def _zero_losses(meta: dict[str, object], full_churn_of: int = 0) -> None:
+    """No loss counter is nonzero; under full churn of `full_churn_of` sockets, only
+    the two losses the kernel causes there, bounded and accounted for."""
     losses = meta["losses"]
     assert isinstance(losses, dict)
     nonzero = {k: v for k, v in losses.items() if v}
-    if tolerate_nesting:
-        # At full churn a softirq can fire a probe on a CPU where the same probe is
-        # already running; the kernel skips it and counts it. The caller checks
-        # that every socket was still accounted for.
+    if full_churn_of:
+        # A softirq can fire a probe on a CPU where the same probe is already
+        # running; the kernel skips it and counts it, and the rescue programs
+        # redo most of those (what is left is counted here).
         nonzero.pop("probe_recursion_misses", None)
+        # On 2 busy cores the kernel sometimes hands a socket's address to a new
+        # socket without tcp_destroy_sock reaching any BPF program before (seen
+        # without tcptrace too: an independent raw tracepoint program under a CPU
+        # hog, 75-182 per million connections). tcptrace closes the old record at
+        # the reuse and counts it; every one must reach the ledger.
+        reused = nonzero.pop("sk_reused", 0)
+        replaced = nonzero.pop("sockets_replaced", 0)
+        assert reused <= full_churn_of // 100, (reused, full_churn_of)
+        assert replaced == reused, (replaced, reused)
     assert nonzero == {}, nonzero
 
 
@@ -148,7 +159,7 @@ def test_thousands_of_short_connections_all_accounted_no_leaks(tmp_path: Path) -
     # churn exits when done: its listeners close too, and nothing is left open.
     assert (closed.direction == "listen").sum() == ports
     assert report.open_sockets.empty
-    _zero_losses(report.meta, tolerate_nesting=True)
+    _zero_losses(report.meta, full_churn_of=2 * n)
     activity = report.meta["extra"]["activity"]
     assert activity["connections_closed"] == 2 * n + ports
 

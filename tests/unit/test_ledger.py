@@ -354,6 +354,24 @@ def test_close_range_counts_as_the_app_closing_for_sockets_seen_only_at_death() 
     assert list(frame.close_cause) == ["app", "kernel", "kernel"]
 
 
+def test_replaced_sockets_are_counted_on_the_bulk_path_too() -> None:
+    # The kernel retires a stale record when its sock address is born again
+    # (sk_reused). Short-lived sockets reach the ledger only as bulk deaths: the
+    # ledger must count those too, so sockets_replaced matches sk_reused.
+    from tcptrace.history import split_records
+
+    ledger, _, _ = new_ledger()
+    raw = []
+    for sk, flags in ((0xA, RecordFlag.REPLACED | RecordFlag.FD_CLOSED), (0xB, 0)):
+        r = RawSocketRecord()
+        r.kind, r.sk, r.fd, r.tgid, r.flags = RecordKind.DEATH, sk, 5, 100, flags
+        r.birth_ns, r.ts_ns, r.family, r.state = int(1 * S), int(2 * S), 2, 7
+        raw.append(bytes(r))
+    deaths, _ = split_records(b"".join(raw))
+    assert len(ledger.apply_deaths(deaths)) == 2
+    assert ledger.counters["sockets_replaced"] == 1
+
+
 def test_snapshot_twin_of_a_socket_born_after_attach_is_merged_not_doubled() -> None:
     # The start-up snapshot runs while the target works: it can list a socket
     # born after attach, whose birth then reaches the ledger by a scan.
