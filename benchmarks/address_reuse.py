@@ -68,34 +68,41 @@ def main() -> int:
 
     from bcc import BPF  # type: ignore[import-not-found]
 
-    from tcptrace.probes import program_stats
     from tcptrace.workloads.build import build
 
     churn = [str(build("churn")), "--connections", str(args.connections), "--ports", "4"]
     churn += ["--seconds", "120"]
     prog = BPF(text=BPF_TEXT)
-    hog = subprocess.Popen([sys.executable, "-c", HOG]) if args.hog else None
+    try:
+        return _measure(prog, churn, args.hog)
+    finally:
+        prog.cleanup()
+
+
+def _measure(prog: object, churn: list[str], with_hog: bool) -> int:
+    from tcptrace.probes import program_stats
+
+    hog = subprocess.Popen([sys.executable, "-c", HOG]) if with_hog else None
     try:
         done = subprocess.run(churn, capture_output=True, text=True, timeout=180, check=True)
     finally:
         if hog is not None:
             hog.kill()
             hog.wait()
-    counts = prog["counts"]
+    counts = prog["counts"]  # type: ignore[index]
     # A destroy skipped as nested would also look like a missing destroy: show them.
     skipped = {
         name.decode(): program_stats(name.decode(), fn.fd).recursion_misses
-        for name, fn in prog.funcs.items()
+        for name, fn in prog.funcs.items()  # type: ignore[attr-defined]
     }
     result = {
-        "hog": args.hog,
+        "hog": with_hog,
         "churn": json.loads(done.stdout.strip().splitlines()[-1].split(" ", 1)[1]),
         "connect_births": counts[0].value,
         "destroys_of_them": counts[1].value,
         "births_at_an_address_without_a_destroy_since": counts[2].value,
         "recursion_misses": skipped,
     }
-    prog.cleanup()
     print(json.dumps(result))
     return 0
 

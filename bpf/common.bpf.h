@@ -378,33 +378,61 @@ static __always_inline void sock_died(u64 sk)
 
 /* Nested runs. A raw tracepoint program is skipped, and the skip counted in its
  * recursion_misses, when its tracepoint fires on a CPU where the program is
- * already running: a softirq destroy or state change interrupting ours in
- * process context. At 30k connections/s that skipped ~1% of state changes
- * (wrong final states) and ~1 in 20,000 destroys (stale records). So the two
- * hot tracepoints each get a second, rescue program:
- * the first raises a per-CPU flag while it runs; the rescue acts only when it
- * finds that flag raised, which means this call nests inside the first program
- * and the kernel skipped the first for it. The kernel's skips are counted
- * before the flag goes up and after it comes down (a few instructions); user
- * space reports skips minus rescues, so a skip nobody redid is still a loss. */
-enum tt_running {
+ * already running (Linux 6.1+): a softirq destroy or state change interrupting
+ * ours in process context. At 30k connections/s that skipped ~1% of state
+ * changes (wrong final states) and ~1 in 20,000 destroys (stale records). So the
+ * two hot tracepoints each get a second, rescue program, attached after the
+ * first. Per CPU, the first program keeps `active`, the call (its ctx) it is
+ * running for, and on leaving sets `done` to that call. The rescue acts only
+ * when the first did not finish this very call (`done`) while a first program
+ * is running under it (`active`): the kernel skipped the first for it. On older
+ * kernels, which let the first program nest, the nested one finishes its own
+ * call and the rescue stands down. A skip just before `active` is set or after it
+ * is restored (a few instructions) is not redone; user space reports skips minus
+ * rescues, so a skip nobody redid is still a loss. */
+struct tt_running {
+	u64 active; /* ctx of the call the first program is running for, 0 if none */
+	u64 done;   /* ctx of the call the first program finished last */
+};
+enum tt_running_probe {
 	TT_RUNNING_SET_STATE = 0,
 	TT_RUNNING_DESTROY = 1,
 	TT_RUNNING__COUNT = 2,
 };
-BPF_PERCPU_ARRAY(running, u32, TT_RUNNING__COUNT);
+BPF_PERCPU_ARRAY(running, struct tt_running, TT_RUNNING__COUNT);
 
-static __always_inline u32 *running_flag(int which)
+/* The first program, entering: returns the call it interrupted (restored on leave). */
+static __always_inline u64 first_program_enter(int which, void *ctx)
 {
-	return running.lookup(&which);
+	struct tt_running *r = running.lookup(&which);
+	if (!r)
+		return 0;
+	u64 outer = r->active;
+	*(volatile u64 *)&r->active = (u64)ctx;
+	return outer;
+}
+
+static __always_inline void first_program_leave(int which, void *ctx, u64 outer)
+{
+	struct tt_running *r = running.lookup(&which);
+	if (!r)
+		return;
+	*(volatile u64 *)&r->active = outer;
+	*(volatile u64 *)&r->done = (u64)ctx;
 }
 
 /* In the rescue program: did the kernel skip the first one for this call? */
-static __always_inline int first_program_skipped(int which)
+static __always_inline int first_program_skipped(int which, void *ctx)
 {
-	u32 *busy = running_flag(which);
-	if (!busy || !*busy)
-		return 0; /* the first program ran for this call */
+	struct tt_running *r = running.lookup(&which);
+	if (!r)
+		return 0;
+	if (r->done == (u64)ctx) {
+		*(volatile u64 *)&r->done = 0; /* the first program ran for this call */
+		return 0;
+	}
+	if (!r->active || r->active == (u64)ctx)
+		return 0;
 	stat_inc(TT_STAT_RUNS_RESCUED);
 	return 1;
 }
@@ -416,20 +444,17 @@ static __always_inline int first_program_skipped(int which)
 RAW_TRACEPOINT_PROBE(tcp_destroy_sock)
 {
 	/* TP_PROTO(struct sock *sk) */
-	u32 *busy = running_flag(TT_RUNNING_DESTROY);
-	if (busy)
-		*busy = 1;
+	u64 outer = first_program_enter(TT_RUNNING_DESTROY, ctx);
 	sock_died((u64)ctx->args[0]);
-	if (busy)
-		*busy = 0;
+	first_program_leave(TT_RUNNING_DESTROY, ctx, outer);
 	return 0;
 }
 
-/* Attached by user space (tcptrace/probes.py): bcc attaches one program per raw
- * tracepoint by name. */
+/* Attached by user space (tcptrace/probes.py), after the first program: bcc
+ * attaches one program per raw tracepoint by name. */
 int rescue_tcp_destroy_sock(struct bpf_raw_tracepoint_args *ctx)
 {
-	if (first_program_skipped(TT_RUNNING_DESTROY))
+	if (first_program_skipped(TT_RUNNING_DESTROY, ctx))
 		sock_died((u64)ctx->args[0]);
 	return 0;
 }

@@ -79,12 +79,9 @@ static __always_inline int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
-	u32 *busy = running_flag(TT_RUNNING_SET_STATE);
-	if (busy)
-		*busy = 1;
+	u64 outer = first_program_enter(TT_RUNNING_SET_STATE, ctx);
 	on_set_state(ctx);
-	if (busy)
-		*busy = 0;
+	first_program_leave(TT_RUNNING_SET_STATE, ctx, outer);
 	return 0;
 }
 
@@ -96,7 +93,7 @@ int rescue_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 {
 	if ((int)ctx->args[1] == TT_TCP_CLOSE)
 		return 0;
-	if (first_program_skipped(TT_RUNNING_SET_STATE))
+	if (first_program_skipped(TT_RUNNING_SET_STATE, ctx))
 		on_set_state(ctx);
 	return 0;
 }

@@ -146,6 +146,8 @@ class Ledger:
     def _death(self, record: SocketRecord) -> None:
         key, incarnation = record.sk, (record.sk, record.birth_ns)
         conn: Connection | None = None
+        if record.flags & RecordFlag.REPLACED:  # counted on every path (== sk_reused)
+            self.counters["sockets_replaced"] += 1
         if self._holds(key, record.birth_ns):
             self._missing.discard(key)
             conn = self._open[key]
@@ -158,8 +160,6 @@ class Ledger:
         if conn is None:
             self.activity["sockets_first_seen_at_death"] += 1
             conn = self._from_record(record)
-        if record.flags & RecordFlag.REPLACED:
-            self.counters["sockets_replaced"] += 1
         conn = dataclasses.replace(
             conn,
             laddr=record.laddr or conn.laddr,

@@ -109,8 +109,10 @@ def _rescue(tracepoint: str) -> RescueAttach:
     return RescueAttach(tracepoint, f"rescue_{tracepoint}")
 
 
-# The kprobe set's state changes come from a kprobe, which any running BPF program
-# blocks (a rescue program would be blocked too); its deaths share the tracepoint.
+# The kprobe set's state changes come from a kprobe: the kernel skips every kprobe
+# program while a kprobe or perf-tracepoint program runs on the CPU (one per-CPU
+# counter), so a second kprobe program would be skipped with the first. Its deaths
+# come from the shared raw tracepoint, which has a rescue.
 RESCUE_ATTACHMENTS: dict[ProbeSet, tuple[RescueAttach, ...]] = {
     ProbeSet.TRACEPOINT: (_rescue("inet_sock_set_state"), _rescue("tcp_destroy_sock")),
     ProbeSet.KPROBE: (_rescue("tcp_destroy_sock"),),
@@ -448,12 +450,12 @@ class Capture:
                 fn = self._bpf.load_func(rescue.program, bcc.BPF.RAW_TRACEPOINT)
                 link = bcc.libbcc.lib.bpf_attach_raw_tracepoint(fn.fd, rescue.tracepoint.encode())
                 if link < 0:
-                    raise OSError(f"bpf_attach_raw_tracepoint returned {link}")
+                    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
             except Exception as exc:
                 self.close()
                 raise KernelSupportError(
-                    f"could not attach {rescue.program} to raw tracepoint "
-                    f"{rescue.tracepoint}: {exc}"
+                    f"could not load or attach {rescue.program} (raw tracepoint "
+                    f"{rescue.tracepoint}): {exc}"
                 ) from exc
             self._rescue_links.append(int(link))
 
@@ -654,13 +656,15 @@ class Capture:
             values = self._stats[ctypes.c_int(stat.value)]
             totals[stat.name.lower()] = int(sum(values))
         totals["records_undecodable"] = self._decode_errors
-        # Read after the rescue counter, so a rescue is never counted before the
-        # skip it redid. A rescue program's own skips lose nothing: it is skipped
-        # only while it runs itself, after the first program ran for that call.
+        # Read after the rescue counter: the kernel counts a skip before the rescue
+        # program can redo it, so skips minus rescues is never below the truth. A
+        # rescue program's own skips are not counted: a skip it could have redone
+        # is already counted as its first program's, and stays so unless redone.
         programs = self.program_stats()
         rescues = {r.program for r in RESCUE_ATTACHMENTS[self.config.probe_set]}
         skipped = sum(p.recursion_misses for p in programs if p.name not in rescues)
-        totals["probe_recursion_misses"] = skipped - totals["runs_rescued"]
+        # Never below 0, even should the kernel not report a program's misses.
+        totals["probe_recursion_misses"] = max(0, skipped - totals["runs_rescued"])
         if self.config.probe_set is ProbeSet.KPROBE:
             totals["kretprobe_misses"] = kretprobe_misses(os.getpid())
         return totals

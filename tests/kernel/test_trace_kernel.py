@@ -40,14 +40,15 @@ def _zero_losses(meta: dict[str, object], full_churn_of: int = 0) -> None:
     nonzero = {k: v for k, v in losses.items() if v}
     if full_churn_of:
         # A softirq can fire a probe on a CPU where the same probe is already
-        # running; the kernel skips it and counts it, and the rescue programs
-        # redo most of those (what is left is counted here).
-        nonzero.pop("probe_recursion_misses", None)
+        # running; the kernel skips it and counts it. The rescue programs redo most
+        # of those (94-98% at full churn); what is left is counted, and bounded:
+        # without the rescue this test saw up to 602 skips.
+        assert nonzero.pop("probe_recursion_misses", 0) <= full_churn_of // 100
         # On 2 busy cores the kernel sometimes hands a socket's address to a new
-        # socket without tcp_destroy_sock reaching any BPF program before (seen
-        # without tcptrace too: an independent raw tracepoint program under a CPU
-        # hog, 75-182 per million connections). tcptrace closes the old record at
-        # the reuse and counts it; every one must reach the ledger.
+        # socket with no tcp_destroy_sock seen before (also without tcptrace:
+        # benchmarks/address_reuse.py --hog, ~200-300 per million connections).
+        # tcptrace closes the old record at the reuse and counts it; every one
+        # must reach the ledger.
         reused = nonzero.pop("sk_reused", 0)
         replaced = nonzero.pop("sockets_replaced", 0)
         assert reused <= full_churn_of // 100, (reused, full_churn_of)
