@@ -39,21 +39,26 @@ def _churn_under_capture(connections: int) -> tuple[dict[str, int], dict[str, Pr
 def test_nested_runs_are_redone_and_the_rest_counted(root: None) -> None:
     rescues = {r.program for r in RESCUE_ATTACHMENTS[ProbeSet.TRACEPOINT]}
     # Nesting is a matter of timing: churn until enough of it happened (bounded).
-    for _round in range(4):
+    # A single run can be unlucky (10 of 64 redone was seen once); the totals not.
+    skipped_total = rescued_total = 0
+    for _round in range(6):
         stats, programs = _churn_under_capture(20_000)
         assert rescues <= programs.keys(), programs.keys()
         skipped = sum(programs[name].recursion_misses for name in FIRST_PROGRAMS)
-        if skipped >= 20:
+        rescued = stats["runs_rescued"]
+        assert 0 <= rescued <= skipped
+        # What tcptrace reports lost is the skips nobody redid. The programs are
+        # read again here, a moment later, and other nesting on the host may have
+        # added to them since: at most that much more.
+        not_rescue = sum(p.recursion_misses for name, p in programs.items() if name not in rescues)
+        assert 0 <= stats["probe_recursion_misses"] <= not_rescue - rescued
+        skipped_total += skipped
+        rescued_total += rescued
+        if skipped_total >= 200:
             break
-    else:
-        pytest.skip(f"full churn made the probes nest only {skipped} times")
-    rescued = stats["runs_rescued"]
-    assert 0 < rescued <= skipped
+    if skipped_total < 20:
+        pytest.skip(f"full churn made the probes nest only {skipped_total} times")
     # Most skips are redone; the rest fall in the few instructions before the first
-    # program marks its call or after it unmarks it (measured: 94-98% redone).
-    assert rescued >= skipped // 2, (rescued, skipped)
-    # What tcptrace reports lost is the skips nobody redid. The programs are read
-    # again here, a moment later, and other nesting on the host may have added to
-    # them since: at most that much more.
-    not_rescue = sum(p.recursion_misses for name, p in programs.items() if name not in rescues)
-    assert 0 <= stats["probe_recursion_misses"] <= not_rescue - rescued
+    # program marks its call or after it unmarks it (measured: 94-98% redone at a
+    # million connections).
+    assert rescued_total >= skipped_total // 2, (rescued_total, skipped_total)
