@@ -401,10 +401,10 @@ enum tt_running_probe {
 };
 BPF_PERCPU_ARRAY(running, struct tt_running, TT_RUNNING__COUNT);
 
-/* The first program, entering: returns the call it interrupted (restored on leave). */
-static __always_inline u64 first_program_enter(int which, void *ctx)
+/* The first program, entering: `r` is this CPU's slot (looked up once per run);
+ * returns the call it interrupted, restored on leave. */
+static __always_inline u64 first_program_enter(struct tt_running *r, void *ctx)
 {
-	struct tt_running *r = running.lookup(&which);
 	if (!r)
 		return 0;
 	u64 outer = r->active;
@@ -412,9 +412,8 @@ static __always_inline u64 first_program_enter(int which, void *ctx)
 	return outer;
 }
 
-static __always_inline void first_program_leave(int which, void *ctx, u64 outer)
+static __always_inline void first_program_leave(struct tt_running *r, void *ctx, u64 outer)
 {
-	struct tt_running *r = running.lookup(&which);
 	if (!r)
 		return;
 	*(volatile u64 *)&r->active = outer;
@@ -444,9 +443,11 @@ static __always_inline int first_program_skipped(int which, void *ctx)
 RAW_TRACEPOINT_PROBE(tcp_destroy_sock)
 {
 	/* TP_PROTO(struct sock *sk) */
-	u64 outer = first_program_enter(TT_RUNNING_DESTROY, ctx);
+	int which = TT_RUNNING_DESTROY;
+	struct tt_running *r = running.lookup(&which);
+	u64 outer = first_program_enter(r, ctx);
 	sock_died((u64)ctx->args[0]);
-	first_program_leave(TT_RUNNING_DESTROY, ctx, outer);
+	first_program_leave(r, ctx, outer);
 	return 0;
 }
 

@@ -79,9 +79,11 @@ static __always_inline int on_set_state(struct bpf_raw_tracepoint_args *ctx)
 
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
-	u64 outer = first_program_enter(TT_RUNNING_SET_STATE, ctx);
+	int which = TT_RUNNING_SET_STATE;
+	struct tt_running *r = running.lookup(&which);
+	u64 outer = first_program_enter(r, ctx);
 	on_set_state(ctx);
-	first_program_leave(TT_RUNNING_SET_STATE, ctx, outer);
+	first_program_leave(r, ctx, outer);
 	return 0;
 }
 

@@ -228,23 +228,21 @@ def load_without_attaching(
         loaded = sorted(
             name.decode() if isinstance(name, bytes) else str(name) for name in prog.funcs
         )
+        # The programs bcc does not attach by itself: (name, type, what it is).
+        by_hand = [
+            (r.program, bcc.BPF.RAW_TRACEPOINT, "rescue")
+            for r in RESCUE_ATTACHMENTS[config.probe_set]
+        ]
         if config.probe_set is ProbeSet.KPROBE:
-            for att in KPROBE_ATTACHMENTS:
-                try:
-                    prog.load_func(att.program, bcc.BPF.KPROBE)
-                except Exception as exc:
-                    raise KernelSupportError(
-                        f"the verifier refused kprobe program {att.program}: {exc}"
-                    ) from exc
-                loaded.append(att.program)
-        for rescue in RESCUE_ATTACHMENTS[config.probe_set]:
+            by_hand += [(att.program, bcc.BPF.KPROBE, "kprobe") for att in KPROBE_ATTACHMENTS]
+        for program, prog_type, kind in by_hand:
             try:
-                prog.load_func(rescue.program, bcc.BPF.RAW_TRACEPOINT)
+                prog.load_func(program, prog_type)
             except Exception as exc:
                 raise KernelSupportError(
-                    f"the verifier refused rescue program {rescue.program}: {exc}"
+                    f"the verifier refused {kind} program {program}: {exc}"
                 ) from exc
-            loaded.append(rescue.program)
+            loaded.append(program)
         return sorted(set(loaded))
     finally:
         prog.cleanup()

@@ -70,14 +70,9 @@ def test_stdout_closed_asks_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_another_broken_pipe_stays_an_internal_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    crash_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A BrokenPipeError from a child's pipe while stdout is fine: a bug, and said so."""
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.delenv("TCPTRACE_DEBUG", raising=False)
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
 
     @mapped_errors
     def feed_a_dead_child() -> None:

@@ -67,14 +67,8 @@ def test_click_errors_are_one_line(args: list[str], needle: str) -> None:
 
 
 def test_an_internal_error_is_one_line_and_the_traceback_is_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    crash_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.delenv("TCPTRACE_DEBUG", raising=False)
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
-
     table: dict[str, int] = {}
 
     @mapped_errors
@@ -86,7 +80,7 @@ def test_an_internal_error_is_one_line_and_the_traceback_is_kept(
     assert info.value.code == errors.INTERNAL_ERROR_EXIT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tcptrace: internal error: KeyError: 'missing'")
-    crash = next(tmp_path.glob("tcptrace-crash-*.txt"))
+    crash = next(crash_dir.glob("tcptrace-crash-*.txt"))
     assert str(crash) in err[0]
     assert "Traceback" in crash.read_text() and "broken" in crash.read_text()
     assert stat.S_IMODE(crash.stat().st_mode) == 0o600
